@@ -31,10 +31,21 @@ class SchedulerConfig:
     placement: str = "aifab"  # plugin: node scoring / device choice
     victim_order: str = "cost_aware"  # plugin: which running workload yields first
     backfill: bool = True  # False: a blocked head of line blocks everything behind it
-    time_fairness_half_life: float | None = None  # seconds; None disables time-based fairness
+    # seconds; None disables time-based fairness. The caller decays snapshot.usage_history with
+    # it; the scheduler only uses that history (weight / (1 + past share)) when this is set.
+    time_fairness_half_life: float | None = None
     topology_levels: tuple[str, ...] = ("zone", "rack")  # outermost first; "node" is implicit
     priority_classes: Mapping[str, PriorityClass] = field(
         default_factory=lambda: dict(DEFAULT_PRIORITY_CLASSES)
     )
-    max_consolidation_moves: int = 16
+    max_consolidation_moves: int = 16  # running workloads moved for one pending workload
+    max_consolidation_attempts: int = 4  # pending workloads consolidation tries per cycle
+    max_eviction_attempts_per_queue: int = 2  # pending workloads per queue tried by reclaim/preempt
+    max_eviction_attempts: int = 16  # attempts per cycle of reclaim, and as many of preempt
+    # preempt: also let a pending workload evict running ones of equal priority that come later
+    # in job order (Tiresias-style LAS, SRTF). min_runtime bounds the resulting churn.
+    preempt_by_job_order: bool = False
+    # Nodes offered to a placement-package policy per task (tightest fits first); 0 = all of
+    # them. Bounds the cost of policies that score every candidate.
+    placement_candidates: int = 64
     seed: int = 0  # for plugins that randomise (tie breaks); the cycle stays deterministic

@@ -1,0 +1,155 @@
+"""Allocate: start pending workloads on free capacity, queue by queue, gang by gang.
+
+Queues take turns by the queue-order plugin (by default the queue furthest below its fair
+share goes next, re-picked after every allocation). With fair-share fairness there are two
+passes: first every queue allocates only up to its fair share, then idle capacity is lent to
+whoever still waits (over-quota borrowing, reclaimable later). Inside a queue jobs go in the
+job-order plugin's order. Each gang is placed inside one Statement: all of it or nothing.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+from aifab.core.decisions import ReasonCode
+from aifab.scheduler.checks import gpus, limit_refusal, non_preemptible_refusal, static_refusal, within_fair
+from aifab.scheduler.config import Fairness
+from aifab.scheduler.context import Context
+from aifab.scheduler.placer import diagnose, place_workload
+from aifab.scheduler.session import PendingJob, TaskSpec
+
+BOUND, OVER_FAIR, FAILED = 0, 1, 2
+
+
+def allocate(ctx: Context) -> None:
+    if ctx.config.fairness is Fairness.NONE:
+        _run_queue(ctx, ctx.by_leaf.get("", []), 0, within=False)
+        return
+    passes = (True, False) if ctx.config.fairness is Fairness.FAIR_SHARE else (False,)
+    for within in passes:
+        _round_robin(ctx, within)
+
+
+def _round_robin(ctx: Context, within: bool) -> None:
+    sess = ctx.sess
+    start = dict.fromkeys(ctx.by_leaf, 0)
+    heap = [(ctx.qkey(sess.queues[name]), name) for name in sorted(ctx.by_leaf)]
+    heapq.heapify(heap)
+    while heap:
+        _, name = heapq.heappop(heap)
+        jobs = ctx.by_leaf[name]
+        nxt = _run_queue(ctx, jobs, start[name], within, stop_after_bind=True)
+        start[name] = nxt
+        if nxt < len(jobs):
+            heapq.heappush(heap, (ctx.qkey(sess.queues[name]), name))
+
+
+def _run_queue(
+    ctx: Context, jobs: list[PendingJob], i: int, within: bool, stop_after_bind: bool = False
+) -> int:
+    """Try jobs from index ``i``; returns where to continue (len(jobs) when the queue is finished)."""
+    n = len(jobs)
+    while i < n:
+        pj = jobs[i]
+        i += 1
+        if pj.done:
+            continue
+        outcome = try_job(ctx, pj, within)
+        if outcome == BOUND:
+            if stop_after_bind:
+                return i
+            continue
+        if ctx.config.backfill:
+            continue
+        if outcome == OVER_FAIR:
+            return n  # strict order: the head waits for the borrowing pass, so does the rest
+        _block_behind(ctx, jobs, i, pj)
+        return n
+    return n
+
+
+def _block_behind(ctx: Context, jobs: list[PendingJob], i: int, head: PendingJob) -> None:
+    for pj in jobs[i:]:
+        if not pj.done:
+            ctx.fail(
+                pj,
+                ReasonCode.QUEUED_BEHIND,
+                f"strict FIFO: waiting behind workload {head.w.id}, which cannot start yet",
+            )
+
+
+def try_job(ctx: Context, pj: PendingJob, within: bool) -> int:
+    sess, leaf, fairness = ctx.sess, pj.leaf, ctx.config.fairness
+    assert leaf is not None  # jobs without a leaf queue were explained when the context was built
+    if fairness is not Fairness.NONE:
+        refusal = limit_refusal(leaf, pj.req) if leaf.limits else None
+        if refusal is None and not pj.w.preemptible:
+            refusal = non_preemptible_refusal(leaf, pj.req)
+        if refusal is None and fairness is Fairness.STATIC:
+            refusal = static_refusal(leaf, pj.req)
+        if refusal is not None:
+            ctx.fail(pj, *refusal)
+            return FAILED
+    # Free capacity only shrinks while allocating, so a quick "no room" is final for the cycle
+    # (checked before the fair-share test so a full cluster costs one pass, not two).
+    quick = _quick_refusal(ctx, pj)
+    if quick is not None:
+        pj.done = True
+        pj.reason = quick
+        return FAILED
+    if within and fairness is not Fairness.NONE and not within_fair(leaf, pj.req):
+        return OVER_FAIR
+    stmt = sess.statement()
+    extra = None if len(pj.specs) == pj.w.gang_size or fairness is Fairness.NONE else _extra_ok(ctx, pj)
+    if place_workload(sess, stmt, pj.w, pj.specs, leaf, ctx.scorer, extra):
+        stmt.commit()
+        pj.bound = pj.done = True
+        return BOUND
+    found = diagnose(sess, pj.w, pj.specs[: pj.w.gang_size], pj.req[0])
+    sess.shape_failures[pj.shape] = found
+    ctx.fail(pj, *found)
+    return FAILED
+
+
+def _quick_refusal(ctx: Context, pj: PendingJob) -> tuple[ReasonCode, str] | None:
+    """O(1) answers for the common full-cluster case, then the per-shape memo of failures."""
+    sess = ctx.sess
+    gpu, free = pj.req[0], sess.total_free_milli
+    if gpu > free:
+        key = ("capacity", gpu, free)
+        got = sess.messages.get(key)  # thousands of jobs share a few messages: word them once
+        if got is None:
+            where = "no GPU is free" if free <= 0 else f"only {gpus(free)} free"
+            got = sess.messages[key] = (
+                ReasonCode.INSUFFICIENT_CAPACITY,
+                f"needs {gpus(gpu)}; {where} in the cluster",
+            )
+        return got
+    biggest = pj.biggest  # most whole GPUs one task needs
+    if biggest > sess.largest_block:
+        key = ("block", biggest, sess.largest_block)
+        got = sess.messages.get(key)
+        if got is None:
+            got = sess.messages[key] = (
+                ReasonCode.FRAGMENTED,
+                f"needs {gpus(biggest * 1000)} on one node; the largest free block is {sess.largest_block}",
+            )
+        return got
+    memo = sess.shape_failures.get(pj.shape)
+    if memo is not None and pj.leaf is not None:
+        return memo
+    return None
+
+
+def _extra_ok(ctx: Context, pj: PendingJob) -> Callable[[TaskSpec], bool]:
+    leaf = pj.leaf
+    assert leaf is not None
+
+    def ok(s: TaskSpec) -> bool:
+        vec = (s.gpu_need, s.cpu, s.memory)
+        if limit_refusal(leaf, vec) is not None:
+            return False
+        return pj.w.preemptible or non_preemptible_refusal(leaf, vec) is None
+
+    return ok

@@ -1,0 +1,282 @@
+"""Reclaim and preempt: make room for a pending gang by evicting running ones.
+
+Both follow the same pattern inside one Statement: evict candidate victims in victim order
+(cost-aware by default) until the gang may fit, try to place it, evict more if it still does
+not, and at the end put back every victim that sat on a node the gang did not use. Commit only
+if the gang is placed; otherwise roll everything back.
+
+- reclaim: a queue below its fair share takes back capacity lent to queues above theirs; a
+  victim is valid only if its queue (and each of its ancestors not shared with the reclaimer)
+  stays at or above its fair share afterwards.
+- preempt: inside one queue, a higher-priority workload evicts lower-priority ones.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections.abc import Callable, Iterable, Iterator
+
+from aifab.core.decisions import EvictionCause
+from aifab.core.resources import GPU_MILLI
+from aifab.scheduler.checks import gpus, limit_refusal, non_preemptible_refusal, within_fair
+from aifab.scheduler.config import Fairness
+from aifab.scheduler.context import CAPACITY_CODES, Context
+from aifab.scheduler.fit import WHOLE
+from aifab.scheduler.placer import eligible, place_workload, task_order
+from aifab.scheduler.session import PendingJob, QueueState, RunJob, Session, Statement
+
+MAX_TRIES = 5  # placement tries per pending gang, evicting twice as much each time
+
+
+def reclaim(ctx: Context) -> None:
+    if ctx.config.fairness is not Fairness.FAIR_SHARE:
+        return  # static quotas never lend; without queues there is nothing to reclaim
+    if not any(q.allocated[0] > q.fair[0] for q in ctx.leaves):
+        return  # nobody borrows: nothing can be reclaimed
+    budget = [ctx.config.max_eviction_attempts]
+    by_leaf = _victims_by_leaf(ctx)
+    for leaf in sorted(ctx.leaves, key=ctx.qkey):
+        failed: set[object] = set()  # a shape that could not reclaim will not do better now
+        for pj in _candidates(ctx, ctx.by_leaf.get(leaf.name, []), budget):
+            if not within_fair(leaf, pj.req) or pj.shape in failed:
+                continue  # reclaim restores fair shares; it never takes more than that
+            lent = sum(
+                q.allocated[0] - q.fair[0] for q in ctx.leaves if q is not leaf and q.allocated[0] > q.fair[0]
+            )
+            if pj.req[0] > ctx.sess.total_free_milli + lent:
+                continue  # even taking back everything lent would not make room
+            lists = [by_leaf[q.name] for q in ctx.leaves if q is not leaf and q.allocated[0] > q.fair[0]]
+            victims = (j for _, j in heapq.merge(*lists, key=_first))
+            guard = _fair_share_guard(leaf)
+
+            def why(j: RunJob, pj: PendingJob = pj, leaf: QueueState = leaf) -> str:
+                vq = j.leaf.name if j.leaf else "?"
+                fair = j.leaf.fair[0] if j.leaf else 0
+                return (
+                    f"reclaimed for workload {pj.w.id} of project {leaf.name}, which is below its fair "
+                    f"share of {gpus(leaf.fair[0])}; project {vq} is above its fair share "
+                    f"of {gpus(fair)}"
+                )
+
+            if not evict_and_place(ctx, pj, victims, guard, EvictionCause.RECLAIM, why):
+                failed.add(pj.shape)
+            budget[0] -= 1
+
+
+def preempt(ctx: Context) -> None:
+    budget = [ctx.config.max_eviction_attempts]
+    global_pool = ctx.config.fairness is Fairness.NONE
+    by_leaf: _Victims | None = None
+    for name in sorted(ctx.by_leaf):
+        failed: set[object] = set()
+        for pj in _candidates(ctx, ctx.by_leaf[name], budget):
+            if (pj.shape, pj.order) in failed or not _could_preempt(ctx, name, pj, global_pool):
+                continue
+            if by_leaf is None:
+                by_leaf = _victims_by_leaf(ctx)
+            if global_pool:
+                pool: Iterable[tuple[tuple[object, ...], RunJob]] = heapq.merge(
+                    *(by_leaf[q] for q in sorted(ctx.sess.running_by_queue) if q in ctx.sess.queues),
+                    key=_first,
+                )
+            else:
+                pool = by_leaf[name]
+            victims = (j for _, j in pool if _outranks(ctx, pj, j))
+
+            def why(j: RunJob, pj: PendingJob = pj) -> str:
+                if j.w.priority < pj.w.priority:
+                    return (
+                        f"preempted by higher-priority workload {pj.w.id} "
+                        f"(priority {pj.w.priority} > {j.w.priority}) in queue {pj.w.queue}"
+                    )
+                return f"preempted by workload {pj.w.id}, which comes first in {ctx.config.job_order} order"
+
+            if not evict_and_place(ctx, pj, victims, lambda j: True, EvictionCause.PREEMPT, why):
+                failed.add((pj.shape, pj.order))
+            budget[0] -= 1
+
+
+def _outranks(ctx: Context, pj: PendingJob, j: RunJob) -> bool:
+    """Lower priority always yields; with ``preempt_by_job_order`` an equal-priority running
+    workload also yields to a pending one that comes first in job order (Tiresias LAS, SRTF)."""
+    if j.w.priority < pj.w.priority:
+        return True
+    return ctx.config.preempt_by_job_order and j.w.priority == pj.w.priority and ctx.jkey(j.w) > pj.order
+
+
+def _first(t: tuple[tuple[object, ...], RunJob]) -> tuple[object, ...]:
+    """Merge on the key only: RunJobs themselves do not compare."""
+    return t[0]
+
+
+def _could_preempt(ctx: Context, queue: str, pj: PendingJob, global_pool: bool) -> bool:
+    """Free GPUs plus lower-priority preemptible GPUs must cover the request (an upper bound)."""
+    sess, prio = ctx.sess, pj.w.priority
+    tables = sess.preemptible_gpu.values() if global_pool else [sess.preemptible_gpu.get(queue, {})]
+    by_order = ctx.config.preempt_by_job_order
+    lower = sum(g for table in tables for p, g in table.items() if p < prio or (by_order and p == prio))
+    return lower > 0 and pj.req[0] <= sess.total_free_milli + lower
+
+
+class _Victims(dict[str, list[tuple[tuple[object, ...], RunJob]]]):
+    """Evictable running jobs per leaf queue with their victim-order keys, sorted once, built
+    only for the queues asked about."""
+
+    def __init__(self, ctx: Context) -> None:
+        super().__init__()
+        self.ctx = ctx
+
+    def __missing__(self, name: str) -> list[tuple[tuple[object, ...], RunJob]]:
+        ctx = self.ctx
+        lst = [(ctx.vkey(j), j) for j in ctx.sess.queue_jobs(name) if ctx.sess.evictable(j)]
+        lst.sort(key=_first)
+        self[name] = lst
+        return lst
+
+
+def _victims_by_leaf(ctx: Context) -> _Victims:
+    return _Victims(ctx)
+
+
+def _candidates(ctx: Context, jobs: list[PendingJob], budget: list[int]) -> Iterator[PendingJob]:
+    """Pending jobs of a queue that failed for lack of room, in job order; the caller's attempts
+    (each one takes one unit of ``budget``) stop after a few per queue and per cycle."""
+    start = budget[0]
+    per_queue = ctx.config.max_eviction_attempts_per_queue
+    for pj in jobs:
+        if start - budget[0] >= per_queue or budget[0] <= 0:
+            return
+        if pj.bound or pj.reason is None or pj.reason[0] not in CAPACITY_CODES:
+            continue
+        leaf = pj.leaf
+        if leaf is None:
+            continue
+        if ctx.config.fairness is not Fairness.NONE and (
+            limit_refusal(leaf, pj.req) or (not pj.w.preemptible and non_preemptible_refusal(leaf, pj.req))
+        ):
+            continue
+        yield pj
+
+
+def _fair_share_guard(reclaimer: QueueState) -> Callable[[RunJob], bool]:
+    shared = {id(q) for q in (reclaimer, *reclaimer.ancestors)}
+
+    def ok(j: RunJob) -> bool:
+        if j.leaf is None:
+            return False
+        k = 0 if j.vec[0] > 0 else 1
+        for q in (j.leaf, *j.leaf.ancestors):
+            if id(q) in shared:
+                break
+            if q.allocated[k] - j.vec[k] < q.fair[k]:
+                return False
+        return True
+
+    return ok
+
+
+def evict_and_place(
+    ctx: Context,
+    pj: PendingJob,
+    victims: Iterable[RunJob],
+    guard: Callable[[RunJob], bool],
+    cause: EvictionCause,
+    why: Callable[[RunJob], str],
+) -> bool:
+    """Evict victims (in victim order) until ``pj`` fits, place it, commit; or change nothing."""
+    sess = ctx.sess
+    allowed, _ = eligible(sess, pj.w)
+    small = pj.w.gang_size == 1 and pj.specs[task_order(pj.specs)[0]].gpu_need <= GPU_MILLI
+    # A small task fits wherever one victim leaves: take victims in plain victim order. A gang
+    # or a multi-GPU task needs room on particular nodes: take the nodes whose victims are
+    # cheapest, node by node, so the room evicted is room the gang can use.
+    # Node plans look at the first victims only: a few times what the gang needs, in victim
+    # order (cheap ones first), bounds the work for the common hopeless attempt.
+    limit = 256 + 4 * (pj.req[0] // GPU_MILLI) * max(1, pj.w.gang_size)
+    valid: Iterable[RunJob] = (j for j in victims if not j.evicted and guard(j))
+    if not small:
+        valid = itertools.islice(valid, limit)
+    batches = _singles(valid, allowed) if small else _node_plans(sess, pj, valid, allowed)
+    stmt = sess.statement()
+    evicted: list[RunJob] = []
+    want = 1 if small else max(1, pj.w.gang_size)
+    for _ in range(MAX_TRIES):
+        grew = False
+        for taken, batch in enumerate(batches, start=1):
+            for j in batch:
+                if not j.evicted and guard(j):  # the guard again: earlier evictions count
+                    stmt.evict(j, cause, why(j), pj.w.id)
+                    evicted.append(j)
+                    grew = True
+            if taken >= want and (not small or sess.total_free_milli >= pj.req[0]):
+                break
+        if not grew:
+            break
+        cp = stmt.checkpoint()
+        if place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, ctx.scorer):
+            _keep_only_needed(sess, stmt, evicted, cp)
+            stmt.commit()
+            pj.bound = pj.done = True
+            pj.reason = None
+            return True
+        stmt.rollback(cp)
+        want *= 2
+    stmt.rollback()
+    return False
+
+
+def _keep_only_needed(
+    sess: Session, stmt: Statement, evicted: list[RunJob], cp: tuple[int, int, int]
+) -> None:
+    """Put back every victim that sat only on nodes the new gang does not use."""
+    used = {b.node for b in stmt.binds[cp[1] :]}
+    for j in evicted:
+        if j.evicted and not any(sess.nodes[p[0]].node.name in used for p in j.places):
+            stmt.unevict(j)
+
+
+def _singles(victims: Iterable[RunJob], allowed: bytearray) -> Iterator[list[RunJob]]:
+    for j in victims:
+        if not j.evicted and any(allowed[p[0]] for p in j.places):
+            yield [j]
+
+
+def _node_plans(
+    sess: Session, pj: PendingJob, victims: Iterable[RunJob], allowed: bytearray
+) -> Iterator[list[RunJob]]:
+    """Per node, the shortest prefix of its victims (in victim order) that makes room for the
+    gang's biggest task; nodes ordered by their worst victim's rank, then the rank sum."""
+    s = pj.specs[task_order(pj.specs)[0]]
+    k = 0 if s.gpu_need > 0 else (1 if s.cpu > 0 else 2)
+    need = (s.gpu_need, s.cpu, s.memory)[k]
+    by_node: dict[int, list[tuple[int, RunJob]]] = {}
+    for rank, j in enumerate(victims):
+        if j.evicted:
+            continue
+        seen: set[int] = set()
+        for p in j.places:
+            ni = p[0]
+            if allowed[ni] and ni not in seen:
+                seen.add(ni)
+                by_node.setdefault(ni, []).append((rank, j))
+    plans: list[tuple[int, int, int, list[RunJob]]] = []
+    for ni, js in by_node.items():
+        ns = sess.nodes[ni]
+        if k == 0:
+            have = sess.free_whole[ni] * GPU_MILLI if s.kind is WHOLE else ns.free_gpu_milli
+        else:
+            have = ns.free_cpu if k == 1 else ns.free_memory
+        take: list[RunJob] = []
+        worst = total = 0
+        for rank, j in js:
+            if have >= need:
+                break
+            take.append(j)
+            have += sum((p[2] * len(p[1]), p[4], p[5])[k] for p in j.places if p[0] == ni)
+            worst, total = rank, total + rank
+        if take and have >= need:
+            plans.append((worst, total, ni, take))
+    plans.sort(key=lambda t: (t[0], t[1], t[2]))
+    for plan in plans:
+        yield plan[3]

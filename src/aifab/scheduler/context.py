@@ -1,0 +1,45 @@
+"""What every action of a cycle shares: the session, the resolved plugins, the pending jobs."""
+
+from __future__ import annotations
+
+from aifab.core.decisions import ReasonCode
+from aifab.scheduler.config import Fairness, SchedulerConfig
+from aifab.scheduler.plugins.nodescore import resolve_scorer
+from aifab.scheduler.plugins.orders import job_order, queue_order, victim_order
+from aifab.scheduler.session import PendingJob, QueueState, Session
+
+# Codes that mean "there was no room", the ones eviction-based actions may help with.
+CAPACITY_CODES = frozenset(
+    {ReasonCode.INSUFFICIENT_CAPACITY, ReasonCode.FRAGMENTED, ReasonCode.GANG, ReasonCode.TOPOLOGY}
+)
+
+
+class Context:
+    __slots__ = ("by_leaf", "config", "jkey", "leaves", "qkey", "scorer", "sess", "vkey")
+
+    def __init__(self, sess: Session, config: SchedulerConfig) -> None:
+        self.sess = sess
+        self.config = config
+        innermost = config.topology_levels[-1] if config.topology_levels else "node"
+        self.scorer = resolve_scorer(config.placement, innermost, config.seed, config.placement_candidates)
+        self.qkey = queue_order(config.queue_order)
+        self.jkey = job_order(config.job_order)
+        self.vkey = victim_order(config.victim_order)
+        for pj in sess.pending:
+            pj.order = self.jkey(pj.w)
+        sess.pending.sort(key=lambda pj: pj.order)
+        # Pending jobs per leaf queue in job order; fairness NONE is one global list.
+        self.by_leaf: dict[str, list[PendingJob]] = {}
+        for pj in sess.pending:
+            if pj.leaf is None or not pj.leaf.is_leaf:
+                pj.done = True
+                where = "not a leaf queue (only projects hold workloads)" if pj.leaf else "not known"
+                pj.reason = (ReasonCode.UNKNOWN_QUEUE, f"queue {pj.w.queue} is {where}")
+                continue
+            name = "" if config.fairness is Fairness.NONE else pj.leaf.name
+            self.by_leaf.setdefault(name, []).append(pj)
+        self.leaves: list[QueueState] = [q for q in sess.queues.values() if q.is_leaf]
+
+    def fail(self, pj: PendingJob, code: ReasonCode, message: str) -> None:
+        pj.done = True
+        pj.reason = (code, message)

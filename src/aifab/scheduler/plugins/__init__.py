@@ -1,0 +1,1 @@
+"""Plugins: ordering keys and node scorers, each registered under a name."""

@@ -1,0 +1,99 @@
+"""Ordering plugins: which queue allocates next, which job goes first, which victim yields first.
+
+Each plugin is a key function (smaller key = first) registered under a name that
+:class:`~aifab.scheduler.config.SchedulerConfig` refers to. Keys always end with a unique id
+so that orders are total and the cycle is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from aifab.core.errors import ValidationError
+from aifab.core.workloads import Workload
+from aifab.scheduler.session import QueueState, RunJob
+
+QueueKey = Callable[[QueueState], tuple[object, ...]]
+JobKey = Callable[[Workload], tuple[object, ...]]
+VictimKey = Callable[[RunJob], tuple[object, ...]]
+
+INF = float("inf")
+
+
+def drf_ratio(qs: QueueState) -> float:
+    """Dominant share of the queue's fair share in use: max over resources of allocated / fair."""
+    worst = 0.0
+    for a, f in zip(qs.allocated, qs.fair, strict=True):
+        if f > 0:
+            r = a / f
+        elif a > 0:
+            r = INF
+        else:
+            continue
+        if r > worst:
+            worst = r
+    return worst
+
+
+QUEUE_ORDERS: dict[str, QueueKey] = {
+    # Furthest below fair share first; queue priority and name break ties.
+    "fair_share": lambda qs: (drf_ratio(qs), -qs.priority, qs.name),
+    # Strict queue priority, then fairness.
+    "priority": lambda qs: (-qs.priority, drf_ratio(qs), qs.name),
+    "name": lambda qs: (qs.name,),
+}
+
+
+def _gpus(w: Workload) -> float:
+    return max(1.0, w.gpu_milli_requested / 1000)
+
+
+def _remaining(w: Workload) -> float:
+    """Oracle remaining runtime: expected duration minus the runtime already attained."""
+    if w.expected_duration is None:
+        return INF
+    return max(0.0, w.expected_duration - w.attained_gpu_seconds / _gpus(w))
+
+
+JOB_ORDERS: dict[str, JobKey] = {
+    "priority_fifo": lambda w: (-w.priority, w.submit_time, w.id),
+    "fifo": lambda w: (w.submit_time, w.id),
+    # Tiresias-style least attained service (GPU-seconds), oldest first among equals.
+    "las": lambda w: (w.attained_gpu_seconds, w.submit_time, w.id),
+    # Shortest remaining time first (needs the expected_duration oracle).
+    "srtf": lambda w: (_remaining(w), w.submit_time, w.id),
+}
+
+
+def _start(job: RunJob) -> float:
+    return job.w.start_time if job.w.start_time is not None else 0.0
+
+
+VICTIM_ORDERS: dict[str, VictimKey] = {
+    # Least work lost since the last checkpoint, then lower priority, then most recent start.
+    "cost_aware": lambda j: (j.lost, j.w.priority, -_start(j), j.w.id),
+    "priority": lambda j: (j.w.priority, -_start(j), j.w.id),
+    "newest": lambda j: (-_start(j), j.w.id),
+}
+
+
+def _lookup(
+    table: dict[str, Callable[..., tuple[object, ...]]], name: str, what: str
+) -> Callable[..., tuple[object, ...]]:
+    try:
+        return table[name]
+    except KeyError:
+        known = ", ".join(sorted(table))
+        raise ValidationError(f"unknown {what} {name!r}; known: {known}", field=what) from None
+
+
+def queue_order(name: str) -> QueueKey:
+    return _lookup(QUEUE_ORDERS, name, "queue_order")
+
+
+def job_order(name: str) -> JobKey:
+    return _lookup(JOB_ORDERS, name, "job_order")
+
+
+def victim_order(name: str) -> VictimKey:
+    return _lookup(VICTIM_ORDERS, name, "victim_order")
