@@ -55,11 +55,22 @@ def _remaining(w: Workload) -> float:
     return max(0.0, w.expected_duration - w.attained_gpu_seconds / _gpus(w))
 
 
+# Tiresias' discretised two-dimensional LAS: attained GPU-seconds fall into a few priority
+# queues; FIFO inside a queue. Discretising is what keeps LAS from thrashing: a job only
+# yields to one in a strictly lower queue, and queues only ever move up with service, so two
+# jobs cannot keep preempting each other. Thresholds: 1, 10 and 100 GPU-hours.
+LAS_QUEUE_THRESHOLDS: tuple[float, ...] = (3600.0, 36000.0, 360000.0)
+
+
+def las_queue(attained_gpu_seconds: float) -> int:
+    return sum(1 for t in LAS_QUEUE_THRESHOLDS if attained_gpu_seconds >= t)
+
+
 JOB_ORDERS: dict[str, JobKey] = {
     "priority_fifo": lambda w: (-w.priority, w.submit_time, w.id),
     "fifo": lambda w: (w.submit_time, w.id),
-    # Tiresias-style least attained service (GPU-seconds), oldest first among equals.
-    "las": lambda w: (w.attained_gpu_seconds, w.submit_time, w.id),
+    # Tiresias-style discretised least attained service (GPU-seconds), FIFO inside a queue.
+    "las": lambda w: (las_queue(w.attained_gpu_seconds), w.submit_time, w.id),
     # Shortest remaining time first (needs the expected_duration oracle).
     "srtf": lambda w: (_remaining(w), w.submit_time, w.id),
 }

@@ -1,0 +1,110 @@
+"""Shared machinery of the scoring policies: node selection, tie-breaking, ``choose``.
+
+Each policy only says how to score feasible nodes (:meth:`ScoringPolicy.scores`) and which
+devices to use on the chosen node (:meth:`ScoringPolicy.devices`). Selection is the artifact's:
+the highest score wins, ties go to the lowest ``view.rank``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from aifab.core.nodes import NodeState
+from aifab.core.resources import GPU_MILLI, memory_for_gpu_milli
+from aifab.core.workloads import TaskRequest
+from aifab.scheduler.placement.api import PlacementChoice, PlacementContext, task_shape
+from aifab.scheduler.placement.view import ClusterView, FloatArray, IntArray, PodShape, first_free_devices
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix64(*values: int) -> int:
+    """Deterministic 64-bit hash of integers (splitmix64 finaliser chained over the inputs).
+
+    The scheduler package may not use ``random``; this gives reproducible pseudo-random draws
+    from (seed, decision number, salt) instead.
+    """
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (v & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    return h
+
+
+class ScoringPolicy:
+    """Base of every placement policy; subclasses override :meth:`scores` and :meth:`devices`."""
+
+    name = "base"
+
+    def scores(self, view: ClusterView, pod: PodShape, idx: IntArray, ctx: PlacementContext) -> FloatArray:
+        """Scores of the feasible nodes ``idx`` (higher is better)."""
+        raise NotImplementedError
+
+    def devices(
+        self, view: ClusterView, pod: PodShape, n: int, ctx: PlacementContext, tick: int
+    ) -> tuple[int, ...]:
+        """Devices on node n: whole GPUs = lowest-index free ones; shared = tightest fit."""
+        row = view.gpu_left[n]
+        if pod.num_gpu == 0:
+            return ()
+        if not pod.shared:
+            return first_free_devices(row, pod.num_gpu)
+        fits = row >= pod.milli
+        return (int(np.argmin(np.where(fits, row, GPU_MILLI + 1))),)
+
+    def select(self, view: ClusterView, idx: IntArray, scores: FloatArray) -> int:
+        """Highest score; among equals the lowest rank."""
+        best = scores.max()
+        tied = idx[scores == best]
+        if len(tied) == 1:
+            return int(tied[0])
+        return int(tied[np.argmin(view.rank[tied])])
+
+    def place(
+        self, view: ClusterView, pod: PodShape, ctx: PlacementContext, tick: int
+    ) -> tuple[int, tuple[int, ...]] | None:
+        idx = np.flatnonzero(view.feasible(pod))
+        if len(idx) == 0:
+            return None
+        n = self.select(view, idx, self.scores(view, pod, idx, ctx))
+        return n, self.devices(view, pod, n, ctx, tick)
+
+    def choose(
+        self, task: TaskRequest, candidates: Sequence[NodeState], ctx: PlacementContext
+    ) -> PlacementChoice | None:
+        """Scheduler entry point. Candidates are grouped by GPU memory size so that a request
+        for GPU memory turns into the right milli-GPU share on each node."""
+        best: tuple[float, int, int, tuple[int, ...], int] | None = None
+        groups: dict[int, list[int]] = {}
+        for i, s in enumerate(candidates):
+            mem = s.node.gpus[0].memory_mib if s.node.gpus else 0
+            groups.setdefault(mem, []).append(i)
+        for device_mem, members in groups.items():
+            states = [candidates[i] for i in members]
+            view = ClusterView.from_states(states)
+            pod = task_shape(task, device_mem, ctx.gpu_models)
+            idx = np.flatnonzero(view.feasible(pod))
+            if len(idx) == 0:
+                continue
+            scores = self.scores(view, pod, idx, ctx)
+            n = self.select(view, idx, scores)
+            score = float(scores[int(np.flatnonzero(idx == n)[0])])
+            key = (score, -members[n])
+            if best is None or key > (best[0], -best[1]):
+                devs = self.devices(view, pod, n, ctx, ctx.sequence)
+                best = (score, members[n], pod.milli, devs, device_mem)
+        if best is None:
+            return None
+        _, cand, milli, devs, device_mem = best
+        state = candidates[cand]
+        mem = memory_for_gpu_milli(milli, device_mem) if devs else 0
+        if devs and milli < GPU_MILLI and task.gpu.memory_mib:
+            mem = task.gpu.memory_mib
+        if any(state.gpu_free_memory[d] < mem for d in devs):
+            return None  # device memory already taken by other tenants: do not oversubscribe
+        return PlacementChoice(state.node.name, cand, devs, milli, mem)
