@@ -4,7 +4,7 @@
     .venv/bin/python bench/packing.py --traces default --seeds 42-44 --policies fgd,aifab --jobs 2
 
 Writes bench/results/packing.json and bench/results/packing.md (unless --no-write).
-Published means: /work/shared/anchors/fgd_atc23_allocation.csv (or --anchors).
+Published means: data/alibaba-gpu-v2023/fgd_atc23_allocation.csv (or --anchors).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from aifab.sim.packing import THRESHOLDS, PackingResult, run_packing  # noqa: E4
 from aifab.sim.traces.alibaba import TraceNode, TracePod, load_nodes, load_pods  # noqa: E402
 
 DATA = ROOT / "data" / "alibaba-gpu-v2023"
-ANCHORS = Path("/work/shared/anchors/fgd_atc23_allocation.csv")
+ANCHORS = DATA / "fgd_atc23_allocation.csv"  # copied from shared/anchors, see its README
 TRACES = (
     "default",
     "cpu050",
