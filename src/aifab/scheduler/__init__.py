@@ -7,9 +7,11 @@ snapshot, computes hierarchical fair shares (``fairshare``), runs the actions na
 - allocate: queues furthest below their fair share first; gangs all-or-nothing; fair share
   first, then idle capacity is lent (borrowing); limits and "non-preemptible only within
   deserved" always hold; ``backfill=False`` makes a blocked head block its line.
-- consolidate: move preemptible workloads off a node so a fragmented gang fits.
+- consolidate: move cheap-to-move preemptible workloads off a node so a fragmented gang fits.
 - reclaim: a queue below its fair share evicts borrowed work of queues above theirs, never
-  taking one below its fair share.
+  taking one below its fair share; jobs inside the queue's unused deserved quota go first, and
+  for a multi-GPU one reclaim may also move cheap workloads to assemble a free node.
+  Idle GPUs are split into fair shares in whole GPUs by default (``fair_share_quantum``).
 - preempt: higher priority evicts lower priority in the same queue.
 
 Decisions of one cycle are applied together, evictions first: a gang bound after eviction uses

@@ -38,8 +38,14 @@ class SchedulerConfig:
     priority_classes: Mapping[str, PriorityClass] = field(
         default_factory=lambda: dict(DEFAULT_PRIORITY_CLASSES)
     )
+    # Idle GPUs are split into fair shares in units of this many milli-GPUs (1000 = whole
+    # GPUs, so that reclaim always finds whole-GPU victims above their fair share; 1 = exact).
+    fair_share_quantum: int = 1000
     max_consolidation_moves: int = 16  # running workloads moved for one pending workload
     max_consolidation_attempts: int = 4  # pending workloads consolidation tries per cycle
+    # Only workloads that would lose at most this many seconds of work since their last
+    # checkpoint are moved (cheap moves only); None moves any preemptible workload.
+    max_consolidation_lost_seconds: float | None = 900.0
     max_eviction_attempts_per_queue: int = 2  # pending workloads per queue tried by reclaim/preempt
     max_eviction_attempts: int = 16  # attempts per cycle of reclaim, and as many of preempt
     # preempt: also let a pending workload evict running ones of equal priority that come later

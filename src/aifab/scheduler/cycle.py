@@ -67,12 +67,16 @@ def _run(snapshot: ClusterSnapshot, config: SchedulerConfig, actions: list[Actio
 
 
 def _fair_shares(sess: Session, snapshot: ClusterSnapshot, config: SchedulerConfig) -> dict[str, Vec]:
-    cap = snapshot.capacity
     history: dict[str, Vec] | None = None
     if config.time_fairness_half_life is not None and snapshot.usage_history:
         history = {n: (r.gpu, r.cpu, r.memory) for n, r in snapshot.usage_history.items()}
     fair = compute_fair_shares(
-        snapshot.queues, (cap.gpu, cap.cpu, cap.memory), leaf_demand(sess), config.fairness, history
+        snapshot.queues,
+        sess.capacity,
+        leaf_demand(sess),
+        config.fairness,
+        history,
+        config.fair_share_quantum,
     )
     for name, v in fair.items():
         sess.queues[name].fair = v

@@ -11,6 +11,12 @@ Each level of the queue tree splits what its parent got among its children:
 
 Integers throughout (milli-GPU, millicores, MiB) so the result is exact and deterministic;
 rounding remainders go one unit at a time to children in name order.
+
+Idle GPUs can be split in coarser units (``gpu_quantum``, e.g. 1000 = whole GPUs; the
+scheduler's default): with milli-GPU precision a borrowing queue's fair share is typically
+fractional (52.125 GPUs), and a queue 0.875 GPUs above it has no whole-GPU workload that
+reclaim may take without putting it below its fair share, so a project below its deserved
+quota could wait for reclaim forever. Whole-GPU units make every excess a whole number of GPUs.
 """
 
 from __future__ import annotations
@@ -18,10 +24,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from aifab.core.queues import QueueTree
-from aifab.core.resources import RESOURCE_KINDS
 from aifab.scheduler.config import Fairness
+from aifab.scheduler.static import TreeInfo, tree_info
 
 Vec = tuple[int, int, int]
+ZERO: Vec = (0, 0, 0)
 
 
 def compute_fair_shares(
@@ -30,52 +37,56 @@ def compute_fair_shares(
     demand: Mapping[str, Vec],
     fairness: Fairness,
     history: Mapping[str, Vec] | None = None,
+    gpu_quantum: int = 1,
 ) -> dict[str, Vec]:
     """Fair share of every queue. ``demand`` holds leaf demands (allocated + pending).
 
     ``history`` (decayed past usage per leaf) lowers a queue's over-quota weight to
     ``weight / (1 + past_usage / capacity)`` so a queue that used a lot recently borrows less.
     """
-    full = _subtree_demand(tree, demand)
+    info = tree_info(tree)
+    full = _subtree_demand(info, demand)
     if fairness is Fairness.NONE:
         return full  # one global pool: every queue may have what it asks for
-    hist = _subtree_demand(tree, history) if history else {}
-    out: dict[str, list[int]] = {q.name: [0, 0, 0] for q in tree}
+    hist = _subtree_demand(info, history) if history else {}
+    out: dict[str, list[int]] = {name: [0, 0, 0] for name in info.by_name}
     for k in range(3):
-        _split_level(tree, None, capacity[k], k, full, hist, capacity[k], fairness, out)
+        unit = max(1, gpu_quantum) if k == 0 else 1
+        _split_level(info, info.roots, capacity[k], k, full, hist, capacity[k], fairness, out, unit)
     return {name: (v[0], v[1], v[2]) for name, v in sorted(out.items())}
 
 
-def _subtree_demand(tree: QueueTree, leaf_values: Mapping[str, Vec]) -> dict[str, Vec]:
+def _subtree_demand(info: TreeInfo, leaf_values: Mapping[str, Vec]) -> dict[str, Vec]:
     """Sum leaf values up the tree, capping each queue by its own limit."""
     out: dict[str, Vec] = {}
+    by_name = info.by_name
 
     def visit(name: str) -> Vec:
-        kids = tree.children(name)
-        if kids:
+        q = by_name[name]
+        if q.children:
             g = c = m = 0
-            for kid in kids:
+            for kid in q.children:
                 v = visit(kid)
                 g, c, m = g + v[0], c + v[1], m + v[2]
-            total: Vec = (g, c, m)
         else:
-            total = leaf_values.get(name, (0, 0, 0))
-        q = tree.get(name)
-        capped = []
-        for k, kind in enumerate(RESOURCE_KINDS):
-            lim = q.limit(kind)
-            capped.append(total[k] if lim is None else min(total[k], lim))
-        out[name] = (capped[0], capped[1], capped[2])
-        return out[name]
+            g, c, m = leaf_values.get(name, ZERO)
+        lg, lc, lm = q.limit
+        total: Vec = (
+            g if lg is None else min(g, lg),
+            c if lc is None else min(c, lc),
+            m if lm is None else min(m, lm),
+        )
+        out[name] = total
+        return total
 
-    for root in tree.roots():
+    for root in info.roots:
         visit(root)
     return out
 
 
 def _split_level(
-    tree: QueueTree,
-    parent: str | None,
+    info: TreeInfo,
+    kids: list[str],
     total: int,
     k: int,
     demand: Mapping[str, Vec],
@@ -83,21 +94,20 @@ def _split_level(
     capacity_k: int,
     fairness: Fairness,
     out: dict[str, list[int]],
+    unit: int = 1,
 ) -> None:
-    kids = tree.children(parent)
     if not kids:
         return
-    kind = RESOURCE_KINDS[k]
-    queues = [tree.get(n) for n in kids]
+    queues = [info.by_name[n] for n in kids]
     give = {n: 0 for n in kids}
     remaining = total
     # Step 1: deserved quota, higher priority first if the cluster cannot honour all of it.
     for q in sorted(queues, key=lambda q: (-q.priority, q.name)):
-        g = min(q.quota(kind).deserved, demand[q.name][k], remaining)
+        g = min(q.deserved[k], demand[q.name][k], remaining)
         give[q.name] = g
         remaining -= g
     # Step 2: idle capacity by priority group, weighted water-filling inside a group.
-    if fairness is Fairness.FAIR_SHARE:
+    if fairness is Fairness.FAIR_SHARE and remaining > 0:
         for prio in sorted({q.priority for q in queues}, reverse=True):
             if remaining <= 0:
                 break
@@ -106,13 +116,15 @@ def _split_level(
             for q in queues:
                 if q.priority != prio:
                     continue
-                past = hist.get(q.name, (0, 0, 0))[k] if hist else 0
+                past = hist.get(q.name, ZERO)[k] if hist else 0
                 share = past / capacity_k if capacity_k > 0 else 0.0
-                weights[q.name] = q.quota(kind).over_quota_weight / (1.0 + share)
-            remaining = water_fill(group, weights, give, {n: demand[n][k] for n in group}, remaining)
-    for n in kids:
+                weights[q.name] = q.weight[k] / (1.0 + share)
+            remaining = water_fill(group, weights, give, {n: demand[n][k] for n in group}, remaining, unit)
+    for q in queues:
+        n = q.name
         out[n][k] = give[n]
-        _split_level(tree, n, give[n], k, demand, hist, capacity_k, fairness, out)
+        if q.children:
+            _split_level(info, q.children, give[n], k, demand, hist, capacity_k, fairness, out, unit)
 
 
 def water_fill(
@@ -121,12 +133,14 @@ def water_fill(
     give: dict[str, int],
     caps: Mapping[str, int],
     remaining: int,
+    unit: int = 1,
 ) -> int:
-    """Split ``remaining`` among ``names`` by weight, each capped; updates ``give``, returns leftover."""
+    """Split ``remaining`` among ``names`` by weight, each capped; updates ``give``, returns
+    leftover. Shares are whole multiples of ``unit`` (except where a cap or the remainder is not)."""
     active = sorted(n for n in names if give[n] < caps[n] and weights[n] > 0)
     while remaining > 0 and active:
         total_w = sum(weights[n] for n in active)
-        shares = {n: int(remaining * weights[n] / total_w) for n in active}
+        shares = {n: int(remaining * weights[n] / total_w) // unit * unit for n in active}
         saturated = [n for n in active if caps[n] - give[n] <= shares[n]]
         if saturated:
             # Fill the saturated ones exactly and split again what they did not need.
@@ -138,12 +152,13 @@ def water_fill(
         for n in active:
             give[n] += shares[n]
             remaining -= shares[n]
-        # Rounding leftovers (fewer units than queues): one each, in name order.
+        # Rounding leftovers (fewer units than queues): one unit each, in name order.
         for n in active:
             if remaining <= 0:
                 break
             if give[n] < caps[n]:
-                give[n] += 1
-                remaining -= 1
+                step = min(unit, caps[n] - give[n], remaining)
+                give[n] += step
+                remaining -= step
         active = [n for n in active if give[n] < caps[n]]
     return remaining

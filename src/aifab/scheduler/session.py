@@ -14,10 +14,11 @@ from collections.abc import Mapping
 from aifab.core.decisions import Bind, Evict, EvictionCause, ReasonCode
 from aifab.core.nodes import NodeState
 from aifab.core.queues import Queue
-from aifab.core.resources import GPU_MILLI, RESOURCE_KINDS
+from aifab.core.resources import GPU_MILLI
 from aifab.core.snapshot import ClusterSnapshot
 from aifab.core.workloads import GpuRequestKind, TaskRequest, Workload
 from aifab.scheduler.config import SchedulerConfig
+from aifab.scheduler.static import QueueInfo, node_facts, tree_info
 
 Vec = tuple[int, int, int]
 ZERO3: Vec = (0, 0, 0)
@@ -71,14 +72,13 @@ class QueueState:
         "queue",
     )
 
-    def __init__(self, q: Queue, is_leaf: bool) -> None:
+    def __init__(self, q: Queue, info: QueueInfo) -> None:
         self.queue = q
         self.name = q.name
-        self.is_leaf = is_leaf
-        self.priority = q.priority
-        self.deserved: Vec = (q.deserved.gpu, q.deserved.cpu, q.deserved.memory)
-        lims = [q.limit(kind) for kind in RESOURCE_KINDS]
-        self.limit: tuple[int | None, int | None, int | None] = (lims[0], lims[1], lims[2])
+        self.is_leaf = info.is_leaf
+        self.priority = info.priority
+        self.deserved: Vec = info.deserved
+        self.limit: tuple[int | None, int | None, int | None] = info.limit
         self.allocated = [0, 0, 0]
         self.np_allocated = [0, 0, 0]  # non-preemptible part, checked against deserved
         self.fair: Vec = ZERO3
@@ -214,15 +214,18 @@ class Session:
         self.snapshot = snapshot
         self.config = config
         self.now = snapshot.now
+        facts = node_facts(snapshot.nodes)
+        self.capacity: Vec = facts.capacity
         self.nodes = [NodeState(n, i) for i, n in enumerate(snapshot.nodes)]
-        self.node_index = {n.name: i for i, n in enumerate(snapshot.nodes)}
-        self.max_gpus = max((len(n.gpus) for n in snapshot.nodes), default=0)
-        self.max_device_memory = max((g.memory_mib for n in snapshot.nodes for g in n.gpus[:1]), default=0)
+        self.node_index = facts.index  # shared between cycles: read only
+        self.max_gpus = facts.max_gpus
+        self.max_device_memory = facts.max_device_memory
         self.queues: dict[str, QueueState] = {}
+        tinfo = tree_info(snapshot.queues)
         for q in snapshot.queues:
-            self.queues[q.name] = QueueState(q, snapshot.queues.is_leaf(q.name))
+            self.queues[q.name] = QueueState(q, tinfo.by_name[q.name])
         for qs in self.queues.values():
-            qs.ancestors = [self.queues[a] for a in snapshot.queues.ancestors(qs.name)]
+            qs.ancestors = [self.queues[a] for a in tinfo.by_name[qs.name].ancestors]
             qs.limits = [
                 (q, k, lim) for q in (qs, *qs.ancestors) for k, lim in enumerate(q.limit) if lim is not None
             ]

@@ -7,7 +7,8 @@ if the gang is placed; otherwise roll everything back.
 
 - reclaim: a queue below its fair share takes back capacity lent to queues above theirs; a
   victim is valid only if its queue (and each of its ancestors not shared with the reclaimer)
-  stays at or above its fair share afterwards.
+  stays at or above its fair share afterwards. Pending jobs that fit in their queue's unused
+  deserved quota (the quota promise) are tried first.
 - preempt: inside one queue, a higher-priority workload evicts lower-priority ones.
 """
 
@@ -19,6 +20,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from aifab.core.decisions import EvictionCause
 from aifab.core.resources import GPU_MILLI
+from aifab.scheduler.actions.consolidate import reclaim_with_moves
 from aifab.scheduler.checks import gpus, limit_refusal, non_preemptible_refusal, within_fair
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import CAPACITY_CODES, Context
@@ -38,7 +40,16 @@ def reclaim(ctx: Context) -> None:
     by_leaf = _victims_by_leaf(ctx)
     for leaf in sorted(ctx.leaves, key=ctx.qkey):
         failed: set[object] = set()  # a shape that could not reclaim will not do better now
-        for pj in _candidates(ctx, ctx.by_leaf.get(leaf.name, []), budget):
+        jobs = ctx.by_leaf.get(leaf.name, [])
+        room = leaf.deserved[0] - leaf.allocated[0]
+        if room > 0 and jobs:
+            # The guarantee first: jobs that fit in the queue's unused deserved quota are tried
+            # before the others (job order otherwise), so a big head of line that is over the
+            # quota cannot use up the queue's attempts.
+            inside = [pj for pj in jobs if pj.req[0] <= room]
+            if 0 < len(inside) < len(jobs):
+                jobs = inside + [pj for pj in jobs if pj.req[0] > room]
+        for pj in _candidates(ctx, jobs, budget):
             if not within_fair(leaf, pj.req) or pj.shape in failed:
                 continue  # reclaim restores fair shares; it never takes more than that
             lent = sum(
@@ -59,9 +70,26 @@ def reclaim(ctx: Context) -> None:
                     f"of {gpus(fair)}"
                 )
 
-            if not evict_and_place(ctx, pj, victims, guard, EvictionCause.RECLAIM, why):
+            ok = evict_and_place(ctx, pj, victims, guard, EvictionCause.RECLAIM, why)
+            if not ok and _may_move(ctx, leaf, pj):
+                # No node frees up by eviction alone: evict anywhere, move a node's occupants
+                # into that room (the guarantee for a multi-GPU job inside the deserved quota).
+                again = (j for _, j in heapq.merge(*lists, key=_first))
+                ok = reclaim_with_moves(ctx, pj, again, guard, why)
+            if not ok:
                 failed.add(pj.shape)
             budget[0] -= 1
+
+
+def _may_move(ctx: Context, leaf: QueueState, pj: PendingJob) -> bool:
+    """Reclaim may also move workloads (when consolidation is on) for a single multi-GPU task
+    that fits in its queue's unused deserved quota."""
+    if "consolidate" not in ctx.config.actions or ctx.config.max_consolidation_moves <= 0:
+        return False
+    if pj.w.gang_size != 1 or len(pj.specs) != 1:
+        return False
+    s = pj.specs[0]
+    return s.kind is WHOLE and s.count > 1 and leaf.allocated[0] + pj.req[0] <= leaf.deserved[0]
 
 
 def preempt(ctx: Context) -> None:
