@@ -13,12 +13,14 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from aifab.core import ClusterSnapshot
 from aifab.scheduler import SchedulerConfig, run_cycle
 from bench._snapshots import SnapshotSize, build_reclaim_snapshot, build_snapshot
 from bench._timing import calibration_seconds, machine, median_seconds
@@ -65,32 +67,23 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument(
+        "--placement",
+        action="append",
+        help="placement plugin(s) to time (repeat); default: the default config's and binpack",
+    )
     args = parser.parse_args()
     console = Console()
-    config = SchedulerConfig()
+    placements = args.placement or [SchedulerConfig().placement, "binpack"]
     calib = calibration_seconds()
     rows = []
-    for name, build, target, must, published in QUICK_CASES if args.quick else CASES:
+    for case, build, target, must, published in QUICK_CASES if args.quick else CASES:
         snapshot = build()
-        result = run_cycle(snapshot, config)  # warm-up, and the decisions we report
-        med, samples = median_seconds(lambda s=snapshot: run_cycle(s, config), args.runs)
-        calib_after = calibration_seconds(3)
-        rows.append(
-            {
-                "case": name,
-                "median_ms": round(med * 1000, 1),
-                "samples_ms": [round(s * 1000, 1) for s in samples],
-                "ratio_to_calibration": round(med / ((calib + calib_after) / 2), 2),
-                "target_ms": None if target is None else target * 1000,
-                "must_ms": None if must is None else must * 1000,
-                "binds": len(result.binds),
-                "evictions": len(result.evictions),
-                "pending": len(result.pending),
-                "published": published,
-                "verdict": _verdict(med, target, must),
-            }
-        )
-        console.print(f"{name}: median {med * 1000:.1f} ms  ({rows[-1]['verdict']})")
+        for placement in placements:
+            config = SchedulerConfig(placement=placement)
+            name = f"{case} — placement {placement}"
+            rows.append(_measure(snapshot, config, name, target, must, published, args.runs, calib))
+            console.print(f"{name}: median {rows[-1]['median_ms']} ms  ({rows[-1]['verdict']})")
     report = {
         "machine": machine(),
         "calibration_ms": round(calib * 1000, 2),
@@ -103,6 +96,34 @@ def main() -> int:
         (RESULTS / "cycle_speed.json").write_text(json.dumps(report, indent=2) + "\n")
         (RESULTS / "cycle_speed.md").write_text(_markdown(report))
     return 0
+
+
+def _measure(
+    snapshot: ClusterSnapshot,
+    config: SchedulerConfig,
+    name: str,
+    target: float | None,
+    must: float | None,
+    published: str,
+    runs: int,
+    calib: float,
+) -> dict[str, Any]:
+    result = run_cycle(snapshot, config)  # warm-up, and the decisions we report
+    med, samples = median_seconds(lambda: run_cycle(snapshot, config), runs)
+    calib_after = calibration_seconds(3)
+    return {
+        "case": name,
+        "median_ms": round(med * 1000, 1),
+        "samples_ms": [round(s * 1000, 1) for s in samples],
+        "ratio_to_calibration": round(med / ((calib + calib_after) / 2), 2),
+        "target_ms": None if target is None else target * 1000,
+        "must_ms": None if must is None else must * 1000,
+        "binds": len(result.binds),
+        "evictions": len(result.evictions),
+        "pending": len(result.pending),
+        "published": published,
+        "verdict": _verdict(med, target, must),
+    }
 
 
 def _verdict(seconds: float, target: float | None, must: float | None) -> str:

@@ -28,6 +28,7 @@ POLICIES: dict[str, SchedulerConfig] = {
         job_order="priority_fifo",
         victim_order="priority",
         placement="binpack",  # KAI's default node order packs GPUs
+        fair_share_quantum=1,  # KAI splits fair shares in fractions of a GPU, not whole GPUs
     ),
     # Tiresias-like: least attained service first, one global queue.
     "tiresias": SchedulerConfig(

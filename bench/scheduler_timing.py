@@ -1,6 +1,6 @@
-"""Quick timing of run_cycle (not a test; pytest does not collect it).
+"""Quick timing of run_cycle on random snapshots, for development (bench/cycle_speed.py is the benchmark).
 
-Run: .venv/bin/python tests/scheduler/timing.py [small|mid|big|reclaim|all] [placement]
+Run: .venv/bin/python bench/scheduler_timing.py [small|mid|big|reclaim|all] [placement]
 Reports the best CPU time (time.process_time) of a few runs: the machine is shared.
 """
 
