@@ -34,7 +34,9 @@ def checks(by: dict[str, dict[str, float]]) -> list[tuple[str, bool | None]]:
         o = by.get(other)
         ok = None if a is None or o is None else a["avg_jct_s"] < o["avg_jct_s"]
         out.append((f"aifab beats {other} on average JCT", ok))
-    out.append(("aifab keeps the quota promise >= 99%", None if a is None else a["quota_promise_pct"] >= 99.0))
+    out.append(
+        ("aifab keeps the quota promise >= 99%", None if a is None else a["quota_promise_pct"] >= 99.0)
+    )
     return out
 
 
@@ -93,7 +95,8 @@ def main() -> int:
         json.dumps({**meta, "results": [m.to_json() for m in results]}, indent=2) + "\n"
     )
     md = [
-        "# Philly Sep-Oct 2017 replay" + (f" (first {args.limit_jobs} jobs by submit time)" if args.limit_jobs else ""),
+        "# Philly Sep-Oct 2017 replay"
+        + (f" (first {args.limit_jobs} jobs by submit time)" if args.limit_jobs else ""),
         "",
         f"- command: `{command}`",
         f"- date: {meta['date']}, nproc: {meta['nproc']}, Python {meta['python']}",

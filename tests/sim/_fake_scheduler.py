@@ -19,10 +19,13 @@ def greedy_cycle(snapshot: ClusterSnapshot, config: SchedulerConfig) -> CycleRes
     for w in snapshot.workloads:
         for p in w.placements:
             task = w.tasks[p.task_index]
-            by_name[p.node].allocate(p.devices, p.gpu_milli, p.gpu_memory_mib, task.cpu_milli, task.memory_mib)
+            by_name[p.node].allocate(
+                p.devices, p.gpu_milli, p.gpu_memory_mib, task.cpu_milli, task.memory_mib
+            )
     binds: list[Bind] = []
     pending = sorted(
-        (w for w in snapshot.workloads if w.phase is WorkloadPhase.PENDING), key=lambda w: (w.submit_time, w.id)
+        (w for w in snapshot.workloads if w.phase is WorkloadPhase.PENDING),
+        key=lambda w: (w.submit_time, w.id),
     )
     for w in pending:
         trial = [s.copy() for s in states]

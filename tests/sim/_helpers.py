@@ -33,7 +33,12 @@ def job(
 
 
 def scenario(
-    jobs: list[SimJob], *, nodes: int = 2, gpus: int = 8, deserved: dict[str, float] | None = None, **sim: float
+    jobs: list[SimJob],
+    *,
+    nodes: int = 2,
+    gpus: int = 8,
+    deserved: dict[str, float] | None = None,
+    **sim: float,
 ) -> Scenario:
     deserved = deserved or {"p0": nodes * gpus}
     return Scenario(

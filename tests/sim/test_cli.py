@@ -41,7 +41,19 @@ def test_sim_writes_table_csv_json_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = runner.invoke(
         app,
-        ["sim", "--trace", str(trace), "--policy", "fifo", "--policy", "aifab", "--nodes", "2", "--out", str(out)],
+        [
+            "sim",
+            "--trace",
+            str(trace),
+            "--policy",
+            "fifo",
+            "--policy",
+            "aifab",
+            "--nodes",
+            "2",
+            "--out",
+            str(out),
+        ],
     )
     assert res.exit_code == 0, res.output
     assert "avg JCT h" in res.output and "fifo" in res.output and "aifab" in res.output

@@ -52,7 +52,9 @@ def preempting_cycle(snapshot: ClusterSnapshot, config: SchedulerConfig) -> Cycl
     if top.priority > victim.priority:
         # The scheduler's own view of the loss must match what the simulator will charge.
         assert victim.work_since_checkpoint(snapshot.now) == pytest.approx(400.0)
-        return CycleResult(evictions=(Evict(victim.id, EvictionCause.PREEMPT, "test", top.id),), binds=(bind,))
+        return CycleResult(
+            evictions=(Evict(victim.id, EvictionCause.PREEMPT, "test", top.id),), binds=(bind,)
+        )
     return CycleResult()
 
 
@@ -121,7 +123,9 @@ def test_node_failure_requeues_and_restarts_elsewhere() -> None:
 def test_oversubscribing_bind_is_a_bug() -> None:
     def bad(snapshot: ClusterSnapshot, config: SchedulerConfig) -> CycleResult:
         return CycleResult(
-            binds=tuple(Bind(w.id, 0, "n0", tuple(range(8)), 1000, 0) for w in snapshot.workloads if not w.is_running)
+            binds=tuple(
+                Bind(w.id, 0, "n0", tuple(range(8)), 1000, 0) for w in snapshot.workloads if not w.is_running
+            )
         )
 
     sc = scenario([job("a", 0, 100, 8), job("b", 0, 100, 8)], nodes=1)

@@ -8,7 +8,9 @@ from aifab.sim.metrics import compute_metrics, jain_index, water_fill
 from aifab.sim.outcome import JobRecord, SimOutcome, Timeline
 
 
-def outcome(jobs: list[JobRecord], rows: list[tuple[float, int, float, float]], intervals, deserved) -> SimOutcome:  # type: ignore[no-untyped-def]
+def outcome(
+    jobs: list[JobRecord], rows: list[tuple[float, int, float, float]], intervals, deserved
+) -> SimOutcome:  # type: ignore[no-untyped-def]
     tl = Timeline()
     for t, p, a, d in rows:
         tl.t.append(t)
@@ -35,10 +37,12 @@ def test_two_projects_by_hand() -> None:
         JobRecord("b", "p1", 4, 0, 100, first_start=100, end=200),
     ]
     rows = [
-        (0, 0, 0, 4), (0, 0, 4, -4),  # a arrives and starts at once
+        (0, 0, 0, 4),
+        (0, 0, 4, -4),  # a arrives and starts at once
         (0, 1, 0, 4),  # b arrives, waits
         (100, 1, 4, -4),  # b starts
-        (200, 0, -4, 0), (200, 1, -4, 0),
+        (200, 0, -4, 0),
+        (200, 1, -4, 0),
     ]
     m = compute_metrics(outcome(jobs, rows, [(0, 0, 0), (1, 0, 100)], [4.0, 4.0])).summary
     assert m["avg_jct_s"] == 200 and m["avg_wait_s"] == 50 and m["makespan_s"] == 200
@@ -64,7 +68,10 @@ def test_quota_promise_one_case_per_pending_period() -> None:
     ]
     rows = [
         (0, 0, 0, 2),
-        (30, 0, 0, 2), (30, 0, 2, -2), (30, 0, 0, 2), (30, 0, 2, -2),
+        (30, 0, 0, 2),
+        (30, 0, 2, -2),
+        (30, 0, 0, 2),
+        (30, 0, 2, -2),
         (50, 0, -2, 0),
         (200, 0, 2, -2),
         (210, 0, -2, 0),
@@ -86,10 +93,14 @@ def test_quota_promise_short_eligibility_is_kept() -> None:
         JobRecord("z", "p0", 2, 0, 10, first_start=570, end=580),
     ]
     rows = [
-        (0, 0, 0, 2), (0, 0, 2, -2), (0, 0, 0, 2), (0, 0, 0, 2),
+        (0, 0, 0, 2),
+        (0, 0, 2, -2),
+        (0, 0, 0, 2),
+        (0, 0, 0, 2),
         (40, 0, -2, 0),
         (70, 0, 2, -2),
-        (570, 0, -2, 0), (570, 0, 2, -2),
+        (570, 0, -2, 0),
+        (570, 0, 2, -2),
         (580, 0, -2, 0),
     ]
     intervals = [(0, 0, 0), (1, 0, 70), (2, 0, 570)]

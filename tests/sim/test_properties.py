@@ -57,7 +57,9 @@ def run(seed: int, jobs: int, nodes: int, failures: bool) -> SimOutcome:
     nodes=st.integers(2, 3),
     failures=st.booleans(),
 )
-def test_random_runs_finish_without_oversubscription(seed: int, jobs: int, nodes: int, failures: bool) -> None:
+def test_random_runs_finish_without_oversubscription(
+    seed: int, jobs: int, nodes: int, failures: bool
+) -> None:
     out = run(seed, jobs, nodes, failures)
     assert all(r.end is not None and r.first_start is not None for r in out.jobs)
     for r in out.jobs:

@@ -44,11 +44,21 @@ def test_gang_mapping() -> None:
 @pytest.mark.parametrize(
     ("row", "line", "expected"),
     [
-        ([*GOOD[:1], "2017-10-01 00:00:00,50.0,x,800.0,vc2\n"], 3,
-         "philly.csv:3: column num_gpus: expected a positive integer, got 'x'"),
-        (["bad-date,1,1,1,vc\n"], 2, "philly.csv:2: column timestamp: expected YYYY-MM-DD HH:MM:SS, got 'bad-date'"),
-        ([*GOOD[:2], "2017-10-01 00:00:00,-5,1,1,vc\n"], 4,
-         "philly.csv:4: column duration: expected a positive number of seconds, got '-5'"),
+        (
+            [*GOOD[:1], "2017-10-01 00:00:00,50.0,x,800.0,vc2\n"],
+            3,
+            "philly.csv:3: column num_gpus: expected a positive integer, got 'x'",
+        ),
+        (
+            ["bad-date,1,1,1,vc\n"],
+            2,
+            "philly.csv:2: column timestamp: expected YYYY-MM-DD HH:MM:SS, got 'bad-date'",
+        ),
+        (
+            [*GOOD[:2], "2017-10-01 00:00:00,-5,1,1,vc\n"],
+            4,
+            "philly.csv:4: column duration: expected a positive number of seconds, got '-5'",
+        ),
         (["2017-10-01 00:00:00,5,1,abc,vc\n"], 2, "philly.csv:2: column gpu_time"),
         (["2017-10-01 00:00:00,5,1,5, \n"], 2, "philly.csv:2: column cluster"),
         (["2017-10-01 00:00:00,5,1\n"], 2, "philly.csv:2: expected 5 fields, got 3"),

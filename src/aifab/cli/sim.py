@@ -32,7 +32,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def sim_command(
-    trace: Annotated[str, typer.Option("--trace", help="Named trace (philly, synthetic[:SEED]) or a CSV path.")],
+    trace: Annotated[
+        str, typer.Option("--trace", help="Named trace (philly, synthetic[:SEED]) or a CSV path.")
+    ],
     policy: Annotated[
         list[str] | None,
         typer.Option("--policy", help=f"Policy to run (repeatable): {', '.join(POLICIES)}. Default: all."),

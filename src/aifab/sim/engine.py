@@ -165,7 +165,9 @@ class Simulator:
         self.running_prio: dict[int, int] = {}  # preemptible running workloads only
         self.can_reclaim = "reclaim" in config.actions
         self.can_preempt = "preempt" in config.actions
-        self.strict_fifo = config.fairness.value == "none" and config.job_order == "fifo" and not config.backfill
+        self.strict_fifo = (
+            config.fairness.value == "none" and config.job_order == "fifo" and not config.backfill
+        )
         # For skip rule 4: what happened since the last cycle that ran.
         self.released = True
         self.new_min_need = math.inf
@@ -177,7 +179,9 @@ class Simulator:
         self.dirty = True  # something changed since the last cycle
         self.cycle_at: float | None = None  # time of the one scheduled CYCLE event
         self.last_cycle = -math.inf
-        self.time_dependent = is_time_dependent(config) or any(j.workload.min_runtime > 0 for j in scenario.jobs)
+        self.time_dependent = is_time_dependent(config) or any(
+            j.workload.min_runtime > 0 for j in scenario.jobs
+        )
         self.usage: dict[str, float] = {}  # decayed GPU usage per project (time fairness)
         self.alloc_now = [0.0] * len(self.projects)
         self.usage_t = 0.0
@@ -200,9 +204,7 @@ class Simulator:
         for i, spec in enumerate(scenario.jobs):
             if spec.workload.queue not in self.pindex:
                 raise SimulationError(f"job {spec.id}: unknown project {spec.workload.queue!r}")
-            rec = JobRecord(
-                spec.id, spec.workload.queue, spec.gpus, spec.submit_time, spec.work
-            )
+            rec = JobRecord(spec.id, spec.workload.queue, spec.gpus, spec.submit_time, spec.work)
             self.records.append(rec)
             self.jobs.append(_Job(i, spec, self.pindex[spec.workload.queue], rec))
             self._push(spec.submit_time, ARRIVAL, i)
@@ -328,7 +330,9 @@ class Simulator:
         if self.progress is not None:
             self.progress(self.now)
         wall = time.perf_counter() - started
-        open_intervals = [(self.active[w].idx, self.active[w].queued_at, self.now) for w in sorted(self.pending)]
+        open_intervals = [
+            (self.active[w].idx, self.active[w].queued_at, self.now) for w in sorted(self.pending)
+        ]
         self.counters["unfinished"] = total - done
         self.counters["wall_seconds"] = wall
         self.counters["sim_seconds"] = self.now
@@ -453,7 +457,9 @@ class Simulator:
         for ev in result.evictions:
             job = self.active.get(ev.workload_id)
             if job is None or job.wl.phase is not WorkloadPhase.RUNNING:
-                raise SimulationError(f"cycle at t={self.now}: evicts {ev.workload_id!r}, which is not running")
+                raise SimulationError(
+                    f"cycle at t={self.now}: evicts {ev.workload_id!r}, which is not running"
+                )
             self._evict(job, ev.cause)
             evicted = True
         by_workload: dict[str, list[Bind]] = {}
@@ -484,15 +490,25 @@ class Simulator:
             task = wl.tasks[b.task_index]
             req = task.gpu
             ok = (
-                (req.kind is GpuRequestKind.WHOLE and len(b.devices) == req.count and b.gpu_milli == GPU_MILLI)
+                (
+                    req.kind is GpuRequestKind.WHOLE
+                    and len(b.devices) == req.count
+                    and b.gpu_milli == GPU_MILLI
+                )
                 or (req.kind is GpuRequestKind.FRACTION and len(b.devices) == 1 and b.gpu_milli >= req.milli)
-                or (req.kind is GpuRequestKind.MEMORY and len(b.devices) == 1 and b.gpu_memory_mib >= req.memory_mib)
+                or (
+                    req.kind is GpuRequestKind.MEMORY
+                    and len(b.devices) == 1
+                    and b.gpu_memory_mib >= req.memory_mib
+                )
                 or (req.kind is GpuRequestKind.NONE and not b.devices)
             )
             if not ok:
                 raise SimulationError(f"{where}: devices {b.devices} x {b.gpu_milli} do not match {req}")
             try:
-                self.states[ni].allocate(b.devices, b.gpu_milli, b.gpu_memory_mib, task.cpu_milli, task.memory_mib)
+                self.states[ni].allocate(
+                    b.devices, b.gpu_milli, b.gpu_memory_mib, task.cpu_milli, task.memory_mib
+                )
             except (ValueError, IndexError) as exc:
                 raise SimulationError(f"{where}: {exc}") from exc
             placements.append(TaskPlacement(b.task_index, b.node, b.devices, b.gpu_milli, b.gpu_memory_mib))
@@ -526,7 +542,9 @@ class Simulator:
         for pl in job.wl.placements:
             ni = self.node_index[pl.node]
             task = job.wl.tasks[pl.task_index]
-            self.states[ni].release(pl.devices, pl.gpu_milli, pl.gpu_memory_mib, task.cpu_milli, task.memory_mib)
+            self.states[ni].release(
+                pl.devices, pl.gpu_milli, pl.gpu_memory_mib, task.cpu_milli, task.memory_mib
+            )
             self.free_milli += pl.gpu_milli * len(pl.devices)
             self.running_on[ni].discard(wid)
 

@@ -233,7 +233,9 @@ def compute_metrics(out: SimOutcome) -> RunMetrics:
         "p99_wait_s": pct(wait, 99),
         "makespan_s": span,
         "gpu_alloc_pct": 100.0 * float((total_alloc * dt).sum()) / cap_int if cap_int > 0 else 0.0,
-        "idle_gpus_while_pending": float((idle * dt)[pending_mask].sum()) / pend_time if pend_time > 0 else 0.0,
+        "idle_gpus_while_pending": float((idle * dt)[pending_mask].sum()) / pend_time
+        if pend_time > 0
+        else 0.0,
         "pending_time_pct": 100.0 * pend_time / span if span > 0 else 0.0,
         "jain": jain_index(ratios),
         "min_share_over_fair": min(ratios) if ratios else 1.0,

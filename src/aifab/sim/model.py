@@ -80,6 +80,4 @@ class Scenario:
 
     def deserved_gpus(self) -> dict[str, float]:
         """Deserved GPUs of every leaf queue (project)."""
-        return {
-            name: self.queues.get(name).deserved.gpu / GPU_MILLI for name in self.queues.leaves()
-        }
+        return {name: self.queues.get(name).deserved.gpu / GPU_MILLI for name in self.queues.leaves()}

@@ -133,7 +133,9 @@ def run_packing(
     total_milli = total_gpus * GPU_MILLI
     order = inflate(pods, total_milli, seed, ratio)
     ctx = PlacementContext(
-        seed=seed, target=target_workload(pods), full_target=TargetWorkload.from_tasks((p.shape() for p in pods), 100)
+        seed=seed,
+        target=target_workload(pods),
+        full_target=TargetWorkload.from_tasks((p.shape() for p in pods), 100),
     )
     shapes: dict[TracePod, PodShape] = {}
     arrived = used = failed = failed_milli = 0

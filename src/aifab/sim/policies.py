@@ -12,9 +12,7 @@ from aifab.scheduler.config import Fairness, SchedulerConfig
 
 POLICIES: dict[str, SchedulerConfig] = {
     # One global queue in submit order; a job that cannot start blocks everything behind it.
-    "fifo": SchedulerConfig(
-        actions=("allocate",), fairness=Fairness.NONE, job_order="fifo", backfill=False
-    ),
+    "fifo": SchedulerConfig(actions=("allocate",), fairness=Fairness.NONE, job_order="fifo", backfill=False),
     # The same, but later jobs that fit may start around a blocked one.
     "fifo-backfill": SchedulerConfig(
         actions=("allocate",), fairness=Fairness.NONE, job_order="fifo", backfill=True

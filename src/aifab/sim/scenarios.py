@@ -57,9 +57,13 @@ def philly_scenario(
     capacity = nodes * gpus_per_node
     for j in jobs:
         if j.num_gpus > capacity:
-            raise TraceError(Path(path).name, j.line, "num_gpus", f"{j.num_gpus} GPUs exceed the cluster's {capacity}")
+            raise TraceError(
+                Path(path).name, j.line, "num_gpus", f"{j.num_gpus} GPUs exceed the cluster's {capacity}"
+            )
         if j.num_gpus > gpus_per_node and math.ceil(j.num_gpus / gpus_per_node) > nodes:
-            raise TraceError(Path(path).name, j.line, "num_gpus", "the gang needs more nodes than the cluster has")
+            raise TraceError(
+                Path(path).name, j.line, "num_gpus", "the gang needs more nodes than the cluster has"
+            )
     period = max(1.0, jobs[-1].submit - jobs[0].submit)
     demand: dict[str, float] = defaultdict(float)
     for j in jobs:
@@ -67,7 +71,10 @@ def philly_scenario(
     deserved = largest_remainder(dict(demand), capacity)
     queues = QueueTree(gpu_queue(vc, deserved[vc], weight=1.0) for vc in sorted(deserved))
     sim_jobs = tuple(
-        SimJob(philly.to_workload(j, index=i, checkpoint_interval=PHILLY_CHECKPOINT, per_node=gpus_per_node), j.duration)
+        SimJob(
+            philly.to_workload(j, index=i, checkpoint_interval=PHILLY_CHECKPOINT, per_node=gpus_per_node),
+            j.duration,
+        )
         for i, j in enumerate(jobs)
     )
     cluster = tuple(uniform_node(f"node{i:03d}", gpus_per_node) for i in range(nodes))
@@ -82,7 +89,9 @@ def resolve_trace(name: str) -> Path:
             p = d / NAMED[name]
             if p.is_file():
                 return p
-        raise AifabError(f"trace {name!r}: {NAMED[name]} not found under data/ (run from the repository root)")
+        raise AifabError(
+            f"trace {name!r}: {NAMED[name]} not found under data/ (run from the repository root)"
+        )
     p = Path(name)
     if p.is_file():
         return p

@@ -65,7 +65,9 @@ def read_philly(path: str | Path, *, limit: int | None = None) -> list[PhillyJob
         header = [h.strip() for h in header]
         missing = [c for c in COLUMNS if c not in header]
         if missing:
-            raise TraceError(name, 1, None, f"header lacks column(s) {', '.join(missing)}; got {','.join(header)}")
+            raise TraceError(
+                name, 1, None, f"header lacks column(s) {', '.join(missing)}; got {','.join(header)}"
+            )
         pos = {c: header.index(c) for c in COLUMNS}
         line = 1
         try:
@@ -87,7 +89,9 @@ def read_philly(path: str | Path, *, limit: int | None = None) -> list[PhillyJob
         # The first N by submit time (the file is not in time order), re-based to 0.
         jobs = jobs[:limit]
         first = jobs[0].submit
-        jobs = [PhillyJob(j.line, j.submit - first, j.duration, j.num_gpus, j.gpu_time, j.cluster) for j in jobs]
+        jobs = [
+            PhillyJob(j.line, j.submit - first, j.duration, j.num_gpus, j.gpu_time, j.cluster) for j in jobs
+        ]
     return jobs
 
 
