@@ -32,8 +32,8 @@ SECTIONS = [
         "checkpoints every 30 min, 60 s restart overhead. The trace file has 12 virtual clusters, not the 15 "
         "the issue names (checked: `cut -d, -f5 data/philly/philly_2017_sep_oct.csv | sort -u`).",
         "_Not completed._ `bench/philly.py --policy aifab --policy kai --jobs 2 --name philly-full` was "
-        "started on 2026-11-28 and stopped after about 16 minutes, at simulated day 35 of about 69 for both "
-        "policies: once the backlog builds up, the replay is far slower than the 120 s per policy the issue "
+        "started on 2026-11-28 and stopped after 994 s, at simulated day 34.8 (aifab) and 36.3 (kai) of about 69: "
+        "once the backlog builds up, the replay is far slower than the 120 s per policy the issue "
         "allows. This is an open item, not a result.",
     ),
     (
@@ -77,7 +77,9 @@ def build() -> str:
         if path.exists():
             parts.append(_demote_headings(path.read_text().rstrip()))
         else:
-            parts.append(missing[0] if missing else f"_Not measured yet: `bench/results/{filename}` is missing._")
+            parts.append(
+                missing[0] if missing else f"_Not measured yet: `bench/results/{filename}` is missing._"
+            )
         parts.append("")
     return "\n".join(parts)
 
