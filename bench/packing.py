@@ -10,7 +10,6 @@ Published means: data/alibaba-gpu-v2023/fgd_atc23_allocation.csv (or --anchors).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shlex
@@ -30,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from aifab.scheduler.placement import PAPER_NAMES, POLICY_NAMES, canonical_name  # noqa: E402
-from aifab.sim.packing import THRESHOLDS, PackingResult, run_packing  # noqa: E402
+from aifab.sim.packing import THRESHOLDS, PackingResult, load_published, parse_seeds, run_packing  # noqa: E402
 from aifab.sim.traces.alibaba import TraceNode, TracePod, load_nodes, load_pods  # noqa: E402
 
 DATA = ROOT / "data" / "alibaba-gpu-v2023"
@@ -62,28 +61,6 @@ def _run(job: tuple[str, str, str, int]) -> PackingResult:
     data, trace, policy, seed = job
     nodes, pods = _trace(data, trace)
     return run_packing(nodes, pods, policy, seed, trace=trace)
-
-
-def _seeds(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.extend(range(int(lo), int(hi) + 1))
-        elif part:
-            out.append(int(part))
-    return out
-
-
-def load_anchors(path: Path) -> dict[tuple[str, str], dict[int, float]]:
-    out: dict[tuple[str, str], dict[int, float]] = {}
-    if not path.exists():
-        return out
-    with path.open(newline="") as f:
-        for row in csv.DictReader(f):
-            key = (row["trace"], canonical_name(row["policy"]))
-            out[key] = {x: float(row[f"alloc_pct_at_arrived_{x}"]) for x in THRESHOLDS}
-    return out
 
 
 def _mean(values: list[float]) -> float:
@@ -183,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     traces = [t for t in args.traces.split(",") if t]
     policies = [canonical_name(p) for p in args.policies.split(",") if p]
-    seeds = _seeds(args.seeds)
+    seeds = parse_seeds(args.seeds)
     jobs = [(args.data, t, p, s) for t in traces for p in policies for s in seeds]
     console = Console()
     started = time.perf_counter()
@@ -214,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(
             f"merged {len(kept)} runs from {args.merge} (their meta: {previous['meta']['command']})"
         )
-    anchors = load_anchors(Path(args.anchors))
+    anchors = load_published(Path(args.anchors))
     means = summarise(results)
 
     table = Table(title="Allocated GPU share (%) at arrived demand: ours (paper) Δ")

@@ -8,7 +8,6 @@ to the paper's published means where the trace has them.
 
 from __future__ import annotations
 
-import csv
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
@@ -20,43 +19,11 @@ from rich.table import Table
 
 from aifab.core.errors import AifabError
 from aifab.scheduler.placement import PAPER_NAMES, POLICY_NAMES, canonical_name
-from aifab.sim.packing import THRESHOLDS, PackingResult, run_packing
+from aifab.sim.packing import THRESHOLDS, PackingResult, load_published, parse_seeds, run_packing
 from aifab.sim.traces.alibaba import TraceNode, TracePod, load_nodes, load_pods
 
 DATA = Path(__file__).resolve().parents[3] / "data" / "alibaba-gpu-v2023"
-ANCHORS = "fgd_atc23_allocation.csv"
-
-
-def parse_seeds(text: str) -> list[int]:
-    """'42-44' -> [42, 43, 44]; '42,45' -> [42, 45]."""
-    seeds: list[int] = []
-    try:
-        for part in text.split(","):
-            if "-" in part:
-                lo, hi = part.split("-", 1)
-                seeds.extend(range(int(lo), int(hi) + 1))
-            elif part.strip():
-                seeds.append(int(part))
-    except ValueError:
-        raise typer.BadParameter(
-            f"expected seeds like 42-44 or 42,45; got {text!r}", param_hint="--seeds"
-        ) from None
-    if not seeds:
-        raise typer.BadParameter("no seeds given", param_hint="--seeds")
-    return seeds
-
-
-def load_published(data: Path) -> dict[tuple[str, str], dict[int, float]]:
-    path = data / ANCHORS
-    if not path.exists():
-        return {}
-    out: dict[tuple[str, str], dict[int, float]] = {}
-    with path.open(newline="") as fh:
-        for row in csv.DictReader(fh):
-            out[(row["trace"], canonical_name(row["policy"]))] = {
-                x: float(row[f"alloc_pct_at_arrived_{x}"]) for x in THRESHOLDS
-            }
-    return out
+ANCHORS = "fgd_atc23_allocation.csv"  # the paper's published means, shipped with the trace
 
 
 def packing_command(
@@ -76,7 +43,10 @@ def packing_command(
     except KeyError as exc:
         console.print(f"[red]error:[/] --policy: {exc.args[0]}")
         raise typer.Exit(2) from None
-    seed_list = parse_seeds(seeds)
+    try:
+        seed_list = parse_seeds(seeds)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--seeds") from None
     pod_path = Path(trace) if trace.endswith(".csv") else data / f"openb_pod_list_{trace}.csv"
     trace_name = pod_path.stem.removeprefix("openb_pod_list_")
     try:
@@ -88,7 +58,7 @@ def packing_command(
         console.print(f"[red]error:[/] {exc}")
         raise typer.Exit(2) from None
     results = _run_all(console, nodes, pods, names, seed_list, trace_name)
-    console.print(_table(results, names, load_published(data), trace_name, seed_list))
+    console.print(_table(results, names, load_published(data / ANCHORS), trace_name, seed_list))
 
 
 def _run_all(

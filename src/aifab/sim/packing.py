@@ -21,9 +21,11 @@ uses) on one :class:`ClusterView` mutated in place.
 
 from __future__ import annotations
 
+import csv
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -169,3 +171,33 @@ def run_packing(
         allocated_pct=used / total_milli * 100,
         seconds=time.perf_counter() - started,
     )
+
+
+def parse_seeds(text: str) -> list[int]:
+    """'42-44' -> [42, 43, 44]; '42,45' -> [42, 45]. Raises ValueError naming the bad text."""
+    seeds: list[int] = []
+    try:
+        for part in text.split(","):
+            if "-" in part:
+                lo, hi = part.split("-", 1)
+                seeds.extend(range(int(lo), int(hi) + 1))
+            elif part.strip():
+                seeds.append(int(part))
+    except ValueError:
+        raise ValueError(f"expected seeds like 42-44 or 42,45; got {text!r}") from None
+    if not seeds:
+        raise ValueError("no seeds given")
+    return seeds
+
+
+def load_published(path: Path) -> dict[tuple[str, str], dict[int, float]]:
+    """The paper's published means, ``(trace, policy) -> {arrived %: allocated %}``; empty if absent."""
+    out: dict[tuple[str, str], dict[int, float]] = {}
+    if not path.exists():
+        return out
+    with path.open(newline="") as fh:
+        for row in csv.DictReader(fh):
+            out[(row["trace"], canonical_name(row["policy"]))] = {
+                x: float(row[f"alloc_pct_at_arrived_{x}"]) for x in THRESHOLDS
+            }
+    return out

@@ -101,6 +101,18 @@ def _can_host(
     return out
 
 
+def _per_node_cache(
+    view: ClusterView, key: tuple[Any, ...], full: TargetWorkload
+) -> tuple[IntArray, BoolArray]:
+    """A per-node x per-shape boolean matrix memoised on the view, with the node version each row
+    was computed at (-1 = never): rows are recomputed only for nodes that changed since."""
+    entry: Any = view.cache.get(key)
+    if entry is None or entry[0] is not full:
+        entry = (full, np.full(view.size, -1, dtype=np.int64), np.zeros((view.size, len(full.shapes)), bool))
+        view.cache[key] = entry
+    return entry[1], entry[2]
+
+
 class AifabPolicy(FillFgdPolicy):
     """aifab's default: fill-aware FGD + a penalty for taking away the last nodes able to host
     a scarce task shape (see the module docstring)."""
@@ -114,15 +126,7 @@ class AifabPolicy(FillFgdPolicy):
 
     def _hosts(self, view: ClusterView, full: TargetWorkload) -> BoolArray:
         key = ("hosts", id(full))
-        entry: Any = view.cache.get(key)
-        if entry is None or entry[0] is not full:
-            entry = (
-                full,
-                np.full(view.size, -1, dtype=np.int64),
-                np.zeros((view.size, len(full.shapes)), bool),
-            )
-            view.cache[key] = entry
-        _, stamp, mat = entry
+        stamp, mat = _per_node_cache(view, key, full)
         stale = np.flatnonzero(stamp != view.version)
         if len(stale):
             acc = self._access(view, full)[view.model_idx[stale]]
@@ -137,15 +141,7 @@ class AifabPolicy(FillFgdPolicy):
         full = self._full(ctx, pod)
         col = self._column(view, pod, idx, ctx)
         key = ("lost", pod, id(full))
-        entry: Any = view.cache.get(key)
-        if entry is None or entry[0] is not full:
-            entry = (
-                full,
-                np.full(view.size, -1, dtype=np.int64),
-                np.zeros((view.size, len(full.shapes)), bool),
-            )
-            view.cache[key] = entry
-        _, stamp, mat = entry
+        stamp, mat = _per_node_cache(view, key, full)
         stale = idx[stamp[idx] != view.version[idx]]
         if len(stale):
             left = view.gpu_left[stale].copy()
