@@ -18,6 +18,7 @@ from aifab.scheduler.placement import (
     PlacementPolicy,
     PodShape,
     TargetWorkload,
+    device_memory_groups,
     fragmentation,
     get_policy,
 )
@@ -172,3 +173,39 @@ def test_aifab_keeps_the_only_node_that_fits_a_big_shape() -> None:
     assert get_policy("bestfit").place(view, small, ctx, 0) == (0, (0,))
     assert get_policy("fgd").place(view, small, ctx, 0) == (0, (0,))
     assert get_policy("aifab").place(view, small, ctx, 0) == (1, (0,))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    case=_case(),
+    policy=st.sampled_from(POLICY_NAMES),
+    mask_bits=st.lists(st.booleans(), min_size=6, max_size=6).filter(any),
+    steps=st.integers(1, 8),
+)
+def test_kept_view_chooses_like_a_fresh_candidate_list(
+    case: tuple[list[NodeState], TaskRequest, frozenset[str]], policy: str, mask_bits: list[bool], steps: int
+) -> None:
+    """The scheduler keeps one view per cycle and syncs the rows it changed; every choice made
+    that way must equal the choice over a candidate list built afresh from the same states."""
+    states, task, models = case
+    allowed = np.asarray(mask_bits[: len(states)], dtype=np.bool_)
+    kept_policy, fresh_policy = get_policy(policy), get_policy(policy)
+    view = ClusterView.from_states(states)
+    groups = device_memory_groups(states)
+    for step in range(steps):
+        ctx = PlacementContext(seed=3, sequence=step, gpu_models=models)
+        kept = kept_policy.choose_in_view(task, view, allowed, groups, ctx)
+        candidates = [s for s in states if allowed[s.index]]
+        fresh = fresh_policy.choose(task, candidates, ctx) if candidates else None
+        if kept is None:
+            assert fresh is None
+            return
+        n, devices, milli, mem = kept
+        if fresh is None:  # only the candidate path checks per-device GPU memory
+            assert any(states[n].gpu_free_memory[d] < mem for d in devices)
+            return
+        assert (states[n].node.name, devices, milli) == (fresh.node, fresh.devices, fresh.gpu_milli)
+        if any(states[n].gpu_free_memory[d] < mem for d in devices):
+            return
+        states[n].allocate(devices, milli, mem, task.cpu_milli, task.memory_mib)
+        view.sync(states, [n])

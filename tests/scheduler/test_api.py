@@ -150,3 +150,13 @@ def test_same_output_whatever_the_hash_seed() -> None:
         for seed in ("1", "2")
     }
     assert len(outs) == 1 and next(iter(outs))
+
+
+def test_a_changed_workload_under_the_same_id_is_read_afresh() -> None:
+    # Cycles remember what each pending workload's tasks flatten to (by object identity), so a
+    # workload replaced by a new object with the same id must be read again, not remembered.
+    small = workload("w", "a", gpus=1)
+    assert sum(len(b.devices) for b in run_cycle(snap(small)).binds) == 1
+    big = workload("w", "a", gpus=4)
+    assert sum(len(b.devices) for b in run_cycle(snap(big)).binds) == 4
+    assert sum(len(b.devices) for b in run_cycle(snap(small)).binds) == 1

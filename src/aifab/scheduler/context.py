@@ -15,7 +15,18 @@ CAPACITY_CODES = frozenset(
 
 
 class Context:
-    __slots__ = ("by_leaf", "config", "jkey", "leaves", "qkey", "scorer", "sess", "vkey")
+    __slots__ = (
+        "by_leaf",
+        "config",
+        "jkey",
+        "leaves",
+        "max_prio",
+        "min_gpu",
+        "qkey",
+        "scorer",
+        "sess",
+        "vkey",
+    )
 
     def __init__(self, sess: Session, config: SchedulerConfig) -> None:
         self.sess = sess
@@ -39,6 +50,14 @@ class Context:
             name = "" if config.fairness is Fairness.NONE else pj.leaf.name
             self.by_leaf.setdefault(name, []).append(pj)
         self.leaves: list[QueueState] = [q for q in sess.queues.values() if q.is_leaf]
+        # Per pending list: the smallest GPU request and the highest priority in it, so that an
+        # action can pass over a whole queue none of whose jobs could gain from it (a backlog of
+        # thousands would otherwise be walked job by job, every cycle).
+        self.min_gpu: dict[str, int] = {}
+        self.max_prio: dict[str, int] = {}
+        for name, jobs in self.by_leaf.items():
+            self.min_gpu[name] = min(pj.req[0] for pj in jobs)
+            self.max_prio[name] = max(pj.w.priority for pj in jobs)
 
     def fail(self, pj: PendingJob, code: ReasonCode, message: str) -> None:
         pj.done = True

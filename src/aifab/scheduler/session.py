@@ -91,6 +91,13 @@ class QueueState:
         return "project" if self.is_leaf else "department"
 
 
+# What a pending workload's tasks flatten to, kept from one cycle to the next: a workload waits
+# through thousands of cycles unchanged (workloads are immutable; a changed one is a new object).
+# Keyed by identity, each entry holding its workload, so the result never depends on the cache.
+_KNOWN_PENDING: dict[int, tuple[Workload, int, tuple[list[TaskSpec], Vec, object, int]]] = {}
+_KNOWN_PENDING_MAX = 200_000
+
+
 class PendingJob:
     """A pending workload plus what the cycle learned about it."""
 
@@ -117,6 +124,26 @@ class PendingJob:
     ) -> None:
         self.w = w
         self.leaf = leaf
+        known = _KNOWN_PENDING.get(id(w))
+        if known is not None and known[0] is w and known[1] == device_memory_hint:
+            self.specs, self.req, tasks_key, self.biggest = known[2]
+        else:
+            got = self._static(w, cache, device_memory_hint)
+            self.specs, self.req, tasks_key, self.biggest = got
+            if len(_KNOWN_PENDING) >= _KNOWN_PENDING_MAX:
+                _KNOWN_PENDING.clear()
+            _KNOWN_PENDING[id(w)] = (w, device_memory_hint, got)
+        self._shape: object = None
+        self._tasks_key = tasks_key
+        self.order: tuple[object, ...] = ()
+        self.bound = False
+        self.done = False  # nothing more to try for it this pass
+        self.reason: tuple[ReasonCode, str] | None = None  # made a PendingReason once, at the end
+
+    @staticmethod
+    def _static(
+        w: Workload, cache: dict[object, tuple[list[TaskSpec], Vec, object, int]], device_memory_hint: int
+    ) -> tuple[list[TaskSpec], Vec, object, int]:
         tasks = w.tasks
         gang_size = w.min_available or len(tasks)
         t = tasks[0]
@@ -143,13 +170,7 @@ class PendingJob:
             biggest = max((s.count for s in specs if s.kind is GpuRequestKind.WHOLE), default=0)
             got = (specs, req, tuple(s.key for s in specs), biggest)
             cache[key] = got
-        self.specs, self.req, tasks_key, self.biggest = got
-        self._shape: object = None
-        self._tasks_key = tasks_key
-        self.order: tuple[object, ...] = ()
-        self.bound = False
-        self.done = False  # nothing more to try for it this pass
-        self.reason: tuple[ReasonCode, str] | None = None  # made a PendingReason once, at the end
+        return got
 
     @property
     def shape(self) -> object:
@@ -247,6 +268,8 @@ class Session:
         self.gpu_models_hint: frozenset[str] = frozenset()  # models of the gang being placed
         self._domains: dict[str, dict[str, list[int]]] = {}
         self.filters: dict[object, tuple[bytearray, list[int]]] = {}
+        # Nodes changed by take/give since a placement plugin last synced its own view of them.
+        self.touched: dict[int, None] = {}
         self._apply_running(snapshot)
         self._index_nodes()
 
@@ -330,6 +353,7 @@ class Session:
         ni, devices, milli, gmem, cpu, mem = p
         ns = self.nodes[ni]
         ns.allocate(devices, milli, gmem, cpu, mem)
+        self.touched[ni] = None
         self._reindex(ni, -milli * len(devices))
 
     def give(self, p: Place) -> None:
@@ -338,6 +362,7 @@ class Session:
         # A running placement on a since-shrunk device may exceed capacity; clamp by releasing
         # through NodeState only when it is consistent (the common case).
         ns.release(devices, milli, gmem, cpu, mem)
+        self.touched[ni] = None
         self._reindex(ni, milli * len(devices))
 
     def _reindex(self, ni: int, milli_delta: int) -> None:

@@ -39,10 +39,19 @@ def _round_robin(ctx: Context, within: bool) -> None:
     while heap:
         _, name = heapq.heappop(heap)
         jobs = ctx.by_leaf[name]
+        if within and _over_fair_for_all(ctx, name):
+            continue  # every job would wait for the borrowing pass; it tries them all
         nxt = _run_queue(ctx, jobs, start[name], within, stop_after_bind=True)
         start[name] = nxt
         if nxt < len(jobs):
             heapq.heappush(heap, (ctx.qkey(sess.queues[name]), name))
+
+
+def _over_fair_for_all(ctx: Context, name: str) -> bool:
+    """No pending GPU job of the queue fits within its fair share (allocation only grows)."""
+    least = ctx.min_gpu[name]
+    leaf = ctx.sess.queues[name]
+    return least > 0 and leaf.allocated[0] + least > leaf.fair[0]
 
 
 def _run_queue(

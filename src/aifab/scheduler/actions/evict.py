@@ -41,6 +41,10 @@ def reclaim(ctx: Context) -> None:
     for leaf in sorted(ctx.leaves, key=ctx.qkey):
         failed: set[object] = set()  # a shape that could not reclaim will not do better now
         jobs = ctx.by_leaf.get(leaf.name, [])
+        if not jobs or (
+            ctx.min_gpu[leaf.name] > 0 and leaf.allocated[0] + ctx.min_gpu[leaf.name] > leaf.fair[0]
+        ):
+            continue  # reclaim restores fair shares: no job of this queue is below its own
         room = leaf.deserved[0] - leaf.allocated[0]
         if room > 0 and jobs:
             # The guarantee first: jobs that fit in the queue's unused deserved quota are tried
@@ -50,6 +54,8 @@ def reclaim(ctx: Context) -> None:
             if 0 < len(inside) < len(jobs):
                 jobs = inside + [pj for pj in jobs if pj.req[0] > room]
         for pj in _candidates(ctx, jobs, budget):
+            if leaf.allocated[0] + pj.req[0] > leaf.fair[0] and pj.req[0] > 0:
+                continue  # the common refusal, without building a shape
             if not within_fair(leaf, pj.req) or pj.shape in failed:
                 continue  # reclaim restores fair shares; it never takes more than that
             lent = sum(
@@ -97,6 +103,8 @@ def preempt(ctx: Context) -> None:
     global_pool = ctx.config.fairness is Fairness.NONE
     by_leaf: _Victims | None = None
     for name in sorted(ctx.by_leaf):
+        if not _any_outranked(ctx, name, global_pool):
+            continue
         failed: set[object] = set()
         for pj in _candidates(ctx, ctx.by_leaf[name], budget):
             if (pj.shape, pj.order) in failed or not _could_preempt(ctx, name, pj, global_pool):
@@ -123,6 +131,16 @@ def preempt(ctx: Context) -> None:
             if not evict_and_place(ctx, pj, victims, lambda j: True, EvictionCause.PREEMPT, why):
                 failed.add((pj.shape, pj.order))
             budget[0] -= 1
+
+
+def _any_outranked(ctx: Context, name: str, global_pool: bool) -> bool:
+    """Whether some preemptible running work has a lower priority than the queue's highest
+    pending one (or equal, when job order may preempt): otherwise nobody here can preempt."""
+    sess = ctx.sess
+    tables = sess.preemptible_gpu.values() if global_pool else [sess.preemptible_gpu.get(name, {})]
+    top = ctx.max_prio[name]
+    by_order = ctx.config.preempt_by_job_order
+    return any(g > 0 and (p < top or (by_order and p == top)) for t in tables for p, g in t.items())
 
 
 def _outranks(ctx: Context, pj: PendingJob, j: RunJob) -> bool:

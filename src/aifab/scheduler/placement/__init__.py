@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aifab.scheduler.placement.aifab import AifabPolicy, FillFgdPolicy
 from aifab.scheduler.placement.api import PlacementChoice, PlacementContext, PlacementPolicy, task_shape
-from aifab.scheduler.placement.base import ScoringPolicy, mix64
+from aifab.scheduler.placement.base import ScoringPolicy, device_memory_groups, mix64
 from aifab.scheduler.placement.baselines import (
     BestFitPolicy,
     DotProductPolicy,
@@ -78,6 +78,7 @@ __all__ = [
     "ScoringPolicy",
     "TargetWorkload",
     "canonical_name",
+    "device_memory_groups",
     "fragmentation",
     "get_policy",
     "mix64",

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from aifab.scheduler.placement.api import PlacementContext
-from aifab.scheduler.placement.fgd import FgdPolicy
+from aifab.scheduler.placement.fgd import FgdPolicy, own_target
 from aifab.scheduler.placement.fragmentation import TargetWorkload, fill_fragmentation
 from aifab.scheduler.placement.view import BoolArray, ClusterView, FloatArray, IntArray, PodShape
 
@@ -59,7 +59,7 @@ class FillFgdPolicy(FgdPolicy):
         pod: PodShape,
     ) -> FloatArray:
         base = super().frag(view, models, cpu, gpu, mem, ctx, pod)
-        full = ctx.full_target or ctx.target or TargetWorkload.of([(pod, 1.0)])
+        full = ctx.full_target or ctx.target or own_target(pod)
         fill = fill_fragmentation(cpu, gpu, self._access(view, full)[models], full, mem)
         out: FloatArray = base + self.fill_weight * fill
         return out
@@ -101,6 +101,13 @@ def _can_host(
     return out
 
 
+def _can_host_one(view: ClusterView, i: int, shape: PodShape, access: bool) -> bool:
+    """:func:`_can_host` for one node and one shape."""
+    if not access or view.cpu_left[i] < shape.cpu or view.mem_left[i] < shape.memory:
+        return False
+    return sum(1 for m in view.gpu_left[i].tolist() if m >= shape.milli) >= shape.num_gpu
+
+
 def _per_node_cache(
     view: ClusterView, key: tuple[Any, ...], full: TargetWorkload
 ) -> tuple[IntArray, BoolArray]:
@@ -122,13 +129,19 @@ class AifabPolicy(FillFgdPolicy):
     scarcity_power = 1.0
 
     def _full(self, ctx: PlacementContext, pod: PodShape) -> TargetWorkload:
-        return ctx.full_target or ctx.target or TargetWorkload.of([(pod, 1.0)])
+        return ctx.full_target or ctx.target or own_target(pod)
 
     def _hosts(self, view: ClusterView, full: TargetWorkload) -> BoolArray:
         key = ("hosts", id(full))
         stamp, mat = _per_node_cache(view, key, full)
         stale = np.flatnonzero(stamp != view.version)
-        if len(stale):
+        if len(stale) == 1 and len(full.shapes) == 1:  # the usual case, without numpy overhead
+            i = int(stale[0])
+            mat[i, 0] = _can_host_one(
+                view, i, full.shapes[0], bool(self._access(view, full)[view.model_idx[i], 0])
+            )
+            stamp[i] = view.version[i]
+        elif len(stale):
             acc = self._access(view, full)[view.model_idx[stale]]
             mat[stale] = _can_host(
                 view.cpu_left[stale], view.gpu_left[stale], view.mem_left[stale], acc, full
@@ -137,9 +150,31 @@ class AifabPolicy(FillFgdPolicy):
         out: BoolArray = mat
         return out
 
-    def _lost(self, view: ClusterView, pod: PodShape, idx: IntArray, ctx: PlacementContext) -> BoolArray:
-        full = self._full(ctx, pod)
-        col = self._column(view, pod, idx, ctx)
+    @staticmethod
+    def _shape_value(view: ClusterView, full: TargetWorkload) -> FloatArray:
+        """freq x size of each target shape, memoised per view and target; CPU-only shapes are
+        valued at their CPU's GPU-equivalent in this cluster (capacities never change)."""
+        key = ("shape_value", id(full))
+        hit: Any = view.cache.get(key)
+        if hit is None or hit[0] is not full:
+            gpu_per_cpu = view.gpu_count.sum() * 1000 / max(int(view.cpu_cap.sum()), 1)
+            size = np.where(full.num_gpu > 0, full.num_gpu * full.milli, full.cpu * gpu_per_cpu)
+            hit = (full, full.freq * size)
+            view.cache[key] = hit
+        out: FloatArray = hit[1]
+        return out
+
+    def _lost(
+        self,
+        view: ClusterView,
+        pod: PodShape,
+        idx: IntArray,
+        full: TargetWorkload,
+        col: Any,
+        hosts: BoolArray,
+    ) -> BoolArray:
+        """Per node in idx: the target shapes it could host before placing pod and not after
+        (``col`` is pod's up-to-date column, ``hosts`` the up-to-date host matrix)."""
         key = ("lost", pod, id(full))
         stamp, mat = _per_node_cache(view, key, full)
         stale = idx[stamp[idx] != view.version[idx]]
@@ -151,7 +186,7 @@ class AifabPolicy(FillFgdPolicy):
                 free = left == 1000
                 left = np.where(free & (np.cumsum(free, axis=1) <= pod.num_gpu), 0, left)
             acc = self._access(view, full)[view.model_idx[stale]]
-            before = self._hosts(view, full)[stale]
+            before = hosts[stale]
             after = _can_host(
                 view.cpu_left[stale] - pod.cpu, left, view.mem_left[stale] - pod.memory, acc, full
             )
@@ -163,13 +198,11 @@ class AifabPolicy(FillFgdPolicy):
     def scores(self, view: ClusterView, pod: PodShape, idx: IntArray, ctx: PlacementContext) -> FloatArray:
         col = self._column(view, pod, idx, ctx)
         full = self._full(ctx, pod)
-        lost = self._lost(view, pod, idx, ctx)
-        hosts = self._hosts(view, full).sum(axis=0)
+        host_matrix = self._hosts(view, full)
+        lost = self._lost(view, pod, idx, full, col, host_matrix)
+        hosts = host_matrix.sum(axis=0)
         scarcity = (view.size / np.maximum(hosts, 1)) ** self.scarcity_power
-        # CPU-only shapes are valued at their CPU's GPU-equivalent in this cluster.
-        gpu_per_cpu = view.gpu_count.sum() * 1000 / max(int(view.cpu_cap.sum()), 1)
-        size = np.where(full.num_gpu > 0, full.num_gpu * full.milli, full.cpu * gpu_per_cpu)
-        value = full.freq * size * scarcity
+        value = self._shape_value(view, full) * scarcity
         penalty = lost.astype(np.float64) @ value
         delta = col.delta[idx] - self.reserve_weight * penalty
         return self.combine(self.quantise(delta), delta, col.extra[idx])

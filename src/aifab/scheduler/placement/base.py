@@ -15,7 +15,14 @@ from aifab.core.nodes import NodeState
 from aifab.core.resources import GPU_MILLI, memory_for_gpu_milli
 from aifab.core.workloads import TaskRequest
 from aifab.scheduler.placement.api import PlacementChoice, PlacementContext, task_shape
-from aifab.scheduler.placement.view import ClusterView, FloatArray, IntArray, PodShape, first_free_devices
+from aifab.scheduler.placement.view import (
+    BoolArray,
+    ClusterView,
+    FloatArray,
+    IntArray,
+    PodShape,
+    first_free_devices,
+)
 
 _MASK64 = (1 << 64) - 1
 
@@ -59,11 +66,18 @@ class ScoringPolicy:
 
     def select(self, view: ClusterView, idx: IntArray, scores: FloatArray) -> int:
         """Highest score; among equals the lowest rank."""
+        return int(idx[self._select_position(view, idx, scores)])
+
+    @staticmethod
+    def _select_position(view: ClusterView, idx: IntArray, scores: FloatArray) -> int:
+        """Position in idx of :meth:`select`'s node."""
+        if view.rank_is_row:  # idx ascends, so the first best is the lowest rank
+            return int(np.argmax(scores))
         best = scores.max()
-        tied = idx[scores == best]
+        tied = np.flatnonzero(scores == best)
         if len(tied) == 1:
             return int(tied[0])
-        return int(tied[np.argmin(view.rank[tied])])
+        return int(tied[np.argmin(view.rank[idx[tied]])])
 
     def place(
         self, view: ClusterView, pod: PodShape, ctx: PlacementContext, tick: int
@@ -77,34 +91,65 @@ class ScoringPolicy:
     def choose(
         self, task: TaskRequest, candidates: Sequence[NodeState], ctx: PlacementContext
     ) -> PlacementChoice | None:
-        """Scheduler entry point. Candidates are grouped by GPU memory size so that a request
-        for GPU memory turns into the right milli-GPU share on each node."""
+        """Scheduler entry point over an explicit candidate list (a view is built for it)."""
+        if not candidates:
+            return None
+        view = ClusterView.from_states(candidates)
+        allowed = np.ones(view.size, dtype=np.bool_)
+        got = self.choose_in_view(task, view, allowed, device_memory_groups(candidates), ctx)
+        if got is None:
+            return None
+        n, devs, milli, mem = got
+        state = candidates[n]
+        if any(state.gpu_free_memory[d] < mem for d in devs):
+            return None  # device memory already taken by other tenants: do not oversubscribe
+        return PlacementChoice(state.node.name, n, devs, milli, mem)
+
+    def choose_in_view(
+        self,
+        task: TaskRequest,
+        view: ClusterView,
+        allowed: BoolArray,
+        groups: Sequence[tuple[int, BoolArray]],
+        ctx: PlacementContext,
+    ) -> tuple[int, tuple[int, ...], int, int] | None:
+        """(row, devices, milli per device, GPU memory per device) for ``task`` among the
+        ``allowed`` rows of a view the caller keeps up to date, or None if it fits none.
+
+        ``groups`` splits the rows by device memory so that a request for GPU memory turns into
+        the right milli-GPU share on each node. Per-node scores are memoised in ``view.cache``
+        and recomputed only for rows whose ``view.version`` changed, so a scheduler that keeps
+        one view per cycle pays for the nodes its previous decisions touched, not for all.
+        """
         best: tuple[float, int, int, tuple[int, ...], int] | None = None
-        groups: dict[int, list[int]] = {}
-        for i, s in enumerate(candidates):
-            mem = s.node.gpus[0].memory_mib if s.node.gpus else 0
-            groups.setdefault(mem, []).append(i)
-        for device_mem, members in groups.items():
-            states = [candidates[i] for i in members]
-            view = ClusterView.from_states(states)
+        for device_mem, members in groups:
             pod = task_shape(task, device_mem, ctx.gpu_models)
-            idx = np.flatnonzero(view.feasible(pod))
+            mask = view.feasible(pod) & allowed
+            if len(groups) > 1:
+                mask &= members
+            idx = np.flatnonzero(mask)
             if len(idx) == 0:
                 continue
             scores = self.scores(view, pod, idx, ctx)
-            n = self.select(view, idx, scores)
-            score = float(scores[int(np.flatnonzero(idx == n)[0])])
-            key = (score, -members[n])
-            if best is None or key > (best[0], -best[1]):
+            if type(self).select is ScoringPolicy.select:
+                at = self._select_position(view, idx, scores)
+                n, score = int(idx[at]), float(scores[at])
+            else:  # a policy with its own selection rule
+                n = self.select(view, idx, scores)
+                score = float(scores[int(np.searchsorted(idx, n))])
+            if best is None or score > best[0] or (score == best[0] and n < best[1]):
                 devs = self.devices(view, pod, n, ctx, ctx.sequence)
-                best = (score, members[n], pod.milli, devs, device_mem)
+                best = (score, n, pod.milli, devs, device_mem)
         if best is None:
             return None
-        _, cand, milli, devs, device_mem = best
-        state = candidates[cand]
+        _, n, milli, devs, device_mem = best
         mem = memory_for_gpu_milli(milli, device_mem) if devs else 0
         if devs and milli < GPU_MILLI and task.gpu.memory_mib:
             mem = task.gpu.memory_mib
-        if any(state.gpu_free_memory[d] < mem for d in devs):
-            return None  # device memory already taken by other tenants: do not oversubscribe
-        return PlacementChoice(state.node.name, cand, devs, milli, mem)
+        return n, devs, milli, mem
+
+
+def device_memory_groups(states: Sequence[NodeState]) -> list[tuple[int, BoolArray]]:
+    """Rows grouped by their devices' memory (0 for nodes without GPUs), as boolean masks."""
+    mems = np.asarray([s.node.gpus[0].memory_mib if s.node.gpus else 0 for s in states], dtype=np.int64)
+    return [(int(m), mems == m) for m in np.unique(mems)]

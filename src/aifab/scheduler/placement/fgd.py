@@ -35,10 +35,24 @@ from aifab.scheduler.placement.view import (
 MAX_SCORE = 100
 
 
+_OWN_TARGETS: dict[PodShape, TargetWorkload] = {}
+
+
+def own_target(pod: PodShape) -> TargetWorkload:
+    """The one-shape target of a task scored without a target workload. One object per shape,
+    so that per-target caches (keyed by identity) keep hitting across decisions."""
+    got = _OWN_TARGETS.get(pod)
+    if got is None:
+        if len(_OWN_TARGETS) > 4096:  # shapes are few; bound it anyway
+            _OWN_TARGETS.clear()
+        got = _OWN_TARGETS[pod] = TargetWorkload.of([(pod, 1.0)])
+    return got
+
+
 def _target(ctx: PlacementContext, pod: PodShape) -> TargetWorkload:
     if ctx.target is not None:
         return ctx.target
-    return TargetWorkload.of([(pod, 1.0)])
+    return own_target(pod)
 
 
 @dataclass

@@ -10,7 +10,7 @@ candidates; the packing simulator keeps one view for the whole run and mutates i
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -92,6 +92,10 @@ class ClusterView:
     affinity: IntArray
     version: IntArray
     cache: dict[Hashable, Any] = field(default_factory=dict)
+    rank_is_row: bool = False  # rank[i] == i: ties go to the lowest row
+
+    def __post_init__(self) -> None:
+        self.rank_is_row = bool(np.array_equal(self.rank, np.arange(len(self.rank))))
 
     @property
     def size(self) -> int:
@@ -150,6 +154,16 @@ class ClusterView:
             view.gpu_left[i, : len(s.gpu_free_milli)] = s.gpu_free_milli
         return view
 
+    def sync(self, states: Sequence[NodeState], rows: Iterable[int]) -> None:
+        """Copy the free resources of ``states[i]`` into row i for each listed row and mark the
+        row changed (a scheduler keeps one view per cycle and syncs the nodes it touched)."""
+        for i in rows:
+            s = states[i]
+            self.cpu_left[i] = s.free_cpu
+            self.mem_left[i] = s.free_memory
+            self.gpu_left[i, : len(s.gpu_free_milli)] = s.gpu_free_milli
+            self.version[i] += 1
+
     def model_mask(self, models: frozenset[str]) -> BoolArray:
         """Nodes whose GPU model the task accepts (all nodes when it accepts any)."""
         key = ("model_mask", models)
@@ -165,15 +179,49 @@ class ClusterView:
         return mask
 
     def feasible(self, pod: PodShape) -> BoolArray:
-        """Nodes where the task fits right now: CPU, memory, model and GPU devices."""
-        mask = (self.cpu_left >= pod.cpu) & (self.mem_left >= pod.memory)
+        """Nodes where the task fits right now: CPU, memory, model and GPU devices.
+
+        Memoised per shape; only rows whose version changed since are recomputed (a caller
+        that writes the arrays directly must bump ``version`` for the rows it changed)."""
+        key = ("feasible", pod)
+        entry: Any = self.cache.get(key)
+        if entry is None:
+            entry = (np.full(self.size, -1, dtype=np.int64), np.zeros(self.size, dtype=np.bool_))
+            self.cache[key] = entry
+        stamp, mask = entry
+        stale = np.flatnonzero(stamp != self.version)
+        if len(stale) == self.size:
+            mask[:] = self._feasible_rows(pod, slice(None))
+        elif len(stale) <= 2:  # the usual case in a scheduler: one node changed since
+            for i in stale.tolist():
+                mask[i] = self._feasible_row(pod, i)
+        elif len(stale):
+            mask[stale] = self._feasible_rows(pod, stale)
+        stamp[stale] = self.version[stale]
+        out: BoolArray = mask
+        return out
+
+    def _feasible_row(self, pod: PodShape, i: int) -> bool:
+        """:meth:`_feasible_rows` for one row, without numpy's per-call overhead."""
+        if self.cpu_left[i] < pod.cpu or self.mem_left[i] < pod.memory:
+            return False
+        if pod.num_gpu == 0:
+            return True
+        if not self.model_mask(pod.models)[i]:
+            return False
+        fits = sum(1 for m in self.gpu_left[i].tolist() if m >= pod.milli)
+        return fits >= (1 if pod.shared else pod.num_gpu)
+
+    def _feasible_rows(self, pod: PodShape, rows: slice | IntArray) -> BoolArray:
+        mask: BoolArray = (self.cpu_left[rows] >= pod.cpu) & (self.mem_left[rows] >= pod.memory)
         if pod.num_gpu == 0:
             return mask
-        mask &= self.model_mask(pod.models)
+        mask &= self.model_mask(pod.models)[rows]
+        left = self.gpu_left[rows]
         if pod.shared:
-            mask &= (self.gpu_left >= pod.milli).any(axis=1)
+            mask &= (left >= pod.milli).any(axis=1)
         else:
-            mask &= (self.gpu_left >= pod.milli).sum(axis=1) >= pod.num_gpu
+            mask &= (left >= pod.milli).sum(axis=1) >= pod.num_gpu
         return mask
 
     def fits_on(self, n: int, pod: PodShape, devices: Sequence[int]) -> bool:

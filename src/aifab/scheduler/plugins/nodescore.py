@@ -20,6 +20,8 @@ import itertools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol
 
+import numpy as np
+
 from aifab.core.nodes import NodeState
 from aifab.scheduler.fit import FRACTION, MEMORY, WHOLE, choose_place, fits
 from aifab.scheduler.session import Place, Session, TaskSpec
@@ -118,10 +120,14 @@ class Topology(Binpack):
 
 
 class External:
-    """Adapter for a policy of ``aifab.scheduler.placement`` (``choose(task, candidates, ctx)``).
+    """Adapter for a policy of ``aifab.scheduler.placement``.
 
-    It sees the nodes the task fits on (after our filters) and picks node and devices; we
-    re-check its devices against the node state before using them.
+    The policy scores an array view of every node, which this adapter builds once per session
+    and keeps in sync with the nodes the session's take/give touched, so the policy's per-node
+    caches survive from one decision to the next. Only nodes our filters allow are scored; the
+    policy picks node and devices, and we re-check its devices against the node state. A
+    policy without a view entry point gets a candidate list (at most ``max_candidates`` of the
+    tightest-fitting nodes when that is positive, like kube-scheduler's percentageOfNodesToScore).
     """
 
     pack = True
@@ -135,28 +141,74 @@ class External:
         self.make_ctx = make_ctx
         self.sequence = 0
         self.last: tuple[int, Place] | None = None
+        self._sess: Session | None = None
+        self._view: Any = None
+        self._groups: Any = None
+        self._masks: dict[int, tuple[bytearray, Any]] = {}
 
     def pick(self, sess: Session, s: TaskSpec, allowed: bytearray, gang: list[int]) -> int | None:
+        self.last = None
+        self.sequence += 1
+        ctx = self.make_ctx(self.sequence, sess.gpu_models_hint)
+        if hasattr(self.policy, "choose_in_view"):
+            got = self._pick_in_view(sess, s, allowed, ctx)
+            if got is not None:
+                return got
+            # None: fits no node, or its choice failed our re-check (per-device GPU memory,
+            # which the view does not track): the candidate path below decides.
         if self.max_candidates > 0:
-            # Score a bounded sample, like kube-scheduler's percentageOfNodesToScore: the
-            # tightest-fitting nodes (their policies re-build a view of every candidate).
             picked = itertools.islice(tightest_first(sess, s, allowed), self.max_candidates)
             candidates: Sequence[NodeState] = [sess.nodes[ni] for ni in sorted(picked)]
         else:
             candidates = [ns for ns in sess.nodes if allowed[ns.index] and _fits_at(sess, ns.index, s)]
-        self.last = None
         if not candidates:
             return None
-        self.sequence += 1
-        choice = self.policy.choose(s.task, candidates, self.make_ctx(self.sequence, sess.gpu_models_hint))
+        choice = self.policy.choose(s.task, candidates, ctx)
         if choice is None:
             return None
         ni = sess.node_index.get(choice.node)
         if ni is None or not allowed[ni]:
             return None
-        place: Place = (ni, tuple(choice.devices), choice.gpu_milli, choice.gpu_memory_mib, s.cpu, s.memory)
-        self.last = (ni, place)
-        return ni
+        return self._accept(sess, s, ni, tuple(choice.devices), choice.gpu_milli, choice.gpu_memory_mib)
+
+    def _pick_in_view(self, sess: Session, s: TaskSpec, allowed: bytearray, ctx: Any) -> int | None:
+        view = self._synced_view(sess)
+        got_mask = self._masks.get(id(allowed))
+        if got_mask is None or got_mask[0] is not allowed:
+            # Filters are built once per cycle and never changed: convert each one once.
+            got_mask = self._masks[id(allowed)] = (allowed, np.frombuffer(allowed, np.uint8).astype(np.bool_))
+        mask = got_mask[1]
+        got = self.policy.choose_in_view(s.task, view, mask, self._groups, ctx)
+        if got is None:
+            return None
+        ni, devices, milli, gmem = got
+        if not allowed[ni]:
+            return None
+        return self._accept(sess, s, ni, tuple(devices), milli, gmem)
+
+    def _synced_view(self, sess: Session) -> Any:
+        if self._sess is not sess:
+            placement = importlib.import_module("aifab.scheduler.placement")
+            self._sess = sess
+            self._view = placement.ClusterView.from_states(sess.nodes)
+            self._groups = placement.device_memory_groups(sess.nodes)
+            self._masks.clear()
+            sess.touched.clear()
+        elif sess.touched:
+            self._view.sync(sess.nodes, sess.touched)
+            sess.touched.clear()
+        return self._view
+
+    def _accept(
+        self, sess: Session, s: TaskSpec, ni: int, devices: tuple[int, ...], milli: int, gmem: int
+    ) -> int | None:
+        place: Place = (ni, devices, milli, gmem, s.cpu, s.memory)
+        if _valid(sess.nodes[ni], s, place):
+            self.last = (ni, place)
+            return ni
+        # Their devices do not hold (e.g. per-device GPU memory): keep the node if the task
+        # fits it at all, and let choose_place pick the devices.
+        return ni if _fits_at(sess, ni, s) else None
 
     def choose_place(self, ns: NodeState, s: TaskSpec) -> Place | None:
         if self.last is not None and self.last[0] == ns.index and _valid(ns, s, self.last[1]):
