@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from aifab.core import gpu_queue
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from aifab.core import QueueTree, ResourceKind, gpu_queue
 from aifab.scheduler import Fairness, compute_fair_shares
+from aifab.scheduler.fairshare import subtree_demand
 
 from .helpers import tree
 
@@ -96,3 +100,58 @@ def test_never_hands_out_more_than_capacity_and_respects_demand() -> None:
     got = compute_fair_shares(t, (7 * G + 1, 0, 0), demand(a=3.3, b=2.9, c=9), Fairness.FAIR_SHARE)
     assert sum(v[0] for v in got.values()) == 7 * G + 1
     assert got["a"][0] <= 3300 and got["b"][0] <= 2900
+
+
+@st.composite
+def _split_case(
+    draw: st.DrawFn,
+) -> tuple[QueueTree, tuple[int, int, int], dict[str, tuple[int, int, int]], int]:
+    depts = draw(st.integers(1, 3))
+    queues = []
+    leaves = []
+    for d in range(depts):
+        kids = []
+        for p in range(draw(st.integers(1, 3))):
+            name = f"d{d}p{p}"
+            leaves.append(name)
+            kids.append(
+                gpu_queue(
+                    name,
+                    draw(st.integers(0, 4)),
+                    parent=f"d{d}",
+                    weight=draw(st.sampled_from([0.5, 1, 2])),
+                    priority=draw(st.integers(0, 1)),
+                    limit_gpus=draw(st.one_of(st.none(), st.integers(4, 20))),
+                )
+            )
+        deserved = sum(k.quota(ResourceKind.GPU).deserved for k in kids) // G + draw(st.integers(0, 4))
+        queues += [gpu_queue(f"d{d}", deserved, weight=draw(st.sampled_from([1, 2, 3]))), *kids]
+    demand = {
+        n: (draw(st.integers(0, 20)) * G // 2, draw(st.integers(0, 64)) * G, draw(st.integers(0, 4)))
+        for n in leaves
+    }
+    capacity = (draw(st.integers(0, 40)) * G, draw(st.integers(0, 128)) * G, draw(st.integers(0, 8)))
+    return QueueTree(queues), capacity, demand, draw(st.sampled_from([1, 1000]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=_split_case(), data=st.data())
+def test_more_demand_from_a_queue_above_its_share_changes_no_share(
+    case: tuple[QueueTree, tuple[int, int, int], dict[str, tuple[int, int, int]], int], data: st.DataObject
+) -> None:
+    """The simulator skips a cycle after arrivals into queues that already ask for more than
+    their fair share (rule 5): that is only sound if such demand moves no share at all."""
+    t, capacity, demand, quantum = case
+    fair = compute_fair_shares(t, capacity, demand, Fairness.FAIR_SHARE, gpu_quantum=quantum)
+    full = subtree_demand(t, demand)
+    leaf = data.draw(st.sampled_from(sorted(demand)))
+    path = [leaf, *t.ancestors(leaf)]
+    extra = tuple(
+        data.draw(st.integers(1, 5 * G)) if all(full[q][k] > fair[q][k] for q in path) else 0
+        for k in range(3)
+    )
+    if not any(extra):
+        return
+    more = dict(demand)
+    more[leaf] = (demand[leaf][0] + extra[0], demand[leaf][1] + extra[1], demand[leaf][2] + extra[2])
+    assert compute_fair_shares(t, capacity, more, Fairness.FAIR_SHARE, gpu_quantum=quantum) == fair

@@ -69,6 +69,10 @@ class CycleResult:
     pending: Mapping[str, PendingReason] = field(default_factory=dict)
     fair_shares: Mapping[str, Resources] = field(default_factory=dict)
     stats: Mapping[str, float] = field(default_factory=dict)
+    # What each queue asked for when the fair shares were split: allocated + pending over its
+    # subtree, capped by its limit. A queue whose demand exceeds its fair share would get the
+    # same fair share with any larger demand (water-filling caps it by the level, not demand).
+    demands: Mapping[str, Resources] = field(default_factory=dict)
 
     def bound_workloads(self) -> set[str]:
         return {b.workload_id for b in self.binds}

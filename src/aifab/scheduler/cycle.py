@@ -13,7 +13,7 @@ from aifab.scheduler.actions import Action, get_action
 from aifab.scheduler.config import SchedulerConfig
 from aifab.scheduler.context import Context
 from aifab.scheduler.explain import explain
-from aifab.scheduler.fairshare import compute_fair_shares
+from aifab.scheduler.fairshare import compute_fair_shares, subtree_demand
 from aifab.scheduler.session import Session, Vec, leaf_demand
 
 
@@ -45,7 +45,7 @@ def _no_cyclic_gc() -> Iterator[None]:
 
 def _run(snapshot: ClusterSnapshot, config: SchedulerConfig, actions: list[Action]) -> CycleResult:
     sess = Session(snapshot, config)
-    fair = _fair_shares(sess, snapshot, config)
+    fair, demand = _fair_shares(sess, snapshot, config)
     ctx = Context(sess, config)
     for action in actions:
         action(ctx)
@@ -63,21 +63,26 @@ def _run(snapshot: ClusterSnapshot, config: SchedulerConfig, actions: list[Actio
         pending=pending,
         fair_shares={n: Resources(v[0], v[1], v[2]) for n, v in fair.items()},
         stats=stats,
+        demands={n: Resources(v[0], v[1], v[2]) for n, v in demand.items()},
     )
 
 
-def _fair_shares(sess: Session, snapshot: ClusterSnapshot, config: SchedulerConfig) -> dict[str, Vec]:
+def _fair_shares(
+    sess: Session, snapshot: ClusterSnapshot, config: SchedulerConfig
+) -> tuple[dict[str, Vec], dict[str, Vec]]:
+    """(fair share, demand) of every queue."""
     history: dict[str, Vec] | None = None
     if config.time_fairness_half_life is not None and snapshot.usage_history:
         history = {n: (r.gpu, r.cpu, r.memory) for n, r in snapshot.usage_history.items()}
+    demand = leaf_demand(sess)
     fair = compute_fair_shares(
         snapshot.queues,
         sess.capacity,
-        leaf_demand(sess),
+        demand,
         config.fairness,
         history,
         config.fair_share_quantum,
     )
     for name, v in fair.items():
         sess.queues[name].fair = v
-    return fair
+    return fair, subtree_demand(snapshot.queues, demand)

@@ -56,6 +56,11 @@ def compute_fair_shares(
     return {name: (v[0], v[1], v[2]) for name, v in sorted(out.items())}
 
 
+def subtree_demand(tree: QueueTree, leaf_demand: Mapping[str, Vec]) -> dict[str, Vec]:
+    """Demand of every queue as the split sees it: its subtree's leaves summed, capped by limits."""
+    return _subtree_demand(tree_info(tree), leaf_demand)
+
+
 def _subtree_demand(info: TreeInfo, leaf_values: Mapping[str, Vec]) -> dict[str, Vec]:
     """Sum leaf values up the tree, capping each queue by its own limit."""
     out: dict[str, Vec] = {}

@@ -36,6 +36,17 @@ A cycle is **skipped** (not run) when it cannot change anything:
    they cannot raise anyone's share), so only a new job could start, and under strict FIFO
    a new job queues behind the old ones.
 
+5. the policy may evict (reclaim), but the previous cycle decided nothing at all, only
+   arrivals happened since (no completion, eviction or node change), and every new job is
+   *inert*: it needs more GPUs than are free (it cannot start and consolidation cannot help
+   it), it would not be within its project's fair share (so it cannot reclaim), it outranks no
+   running preemptible job (so it cannot preempt), and each queue on its path already asked for
+   more of every resource the job requests than its fair share: water-filling caps such a
+   queue by the level, not by its demand, so the new demand moves no fair share (a property
+   test checks this) and no other queue can reclaim anything new. The quiet cycle before was
+   the scheduler's answer to the same state without these jobs. On a saturated cluster with a
+   backlog this skips most arrival-triggered cycles of the quota-aware policies.
+
 Clock-dependent policies (LAS, SRTF, time-based fairness) additionally get a cycle every
 ``cycle_period`` seconds while jobs wait. After a cycle that evicted something, another one
 runs ``follow_up`` seconds later, because the room it freed may only be used by a later
@@ -53,7 +64,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 
 import numpy as np
@@ -164,6 +175,13 @@ class Simulator:
         self.pending_prio: dict[int, int] = {}
         self.running_prio: dict[int, int] = {}  # preemptible running workloads only
         self.can_reclaim = "reclaim" in config.actions
+        # For skip rule 5: the last cycle's fair shares and demands, whether it decided nothing,
+        # and whether every arrival since is inert. Each project's path to the root.
+        self.last_fair: Mapping[str, Resources] = {}
+        self.last_demand: Mapping[str, Resources] = {}
+        self.last_quiet = False
+        self.inert = True
+        self.paths = {p: [p, *scenario.queues.ancestors(p)] for p in scenario.queues.leaves()}
         self.can_preempt = "preempt" in config.actions
         self.strict_fifo = (
             config.fairness.value == "none" and config.job_order == "fifo" and not config.backfill
@@ -193,6 +211,7 @@ class Simulator:
             "events": 0,
             "cycles": 0,
             "cycles_skipped": 0,
+            "cycles_skipped_inert": 0,  # by rule 5 (a subset of cycles_skipped)
             "binds": 0,
             "preemptions": 0,
             "reclaims": 0,
@@ -253,10 +272,14 @@ class Simulator:
             self._count(self.running_prio, job.wl.priority, 1 if running else -1)
 
     def _nothing_can_change(self) -> bool:
-        """Skip rules 3 and 4 (see the module docstring)."""
-        if self.can_reclaim or (self.can_preempt and self.config.preempt_by_job_order):
+        """Skip rules 3, 4 and 5 (see the module docstring)."""
+        if self.can_preempt and self.config.preempt_by_job_order:
             # Preemption by job order (LAS, SRTF) can evict between equal priorities.
             return False
+        if self.can_reclaim:
+            skip = self.last_quiet and not self.released and self.inert and not self.time_dependent
+            self.counters["cycles_skipped_inert"] += skip
+            return skip
         if self.can_preempt and self.running_prio and max(self.pending_prio) > min(self.running_prio):
             return False
         if self.free_milli < min(self.pending_milli):
@@ -352,7 +375,37 @@ class Simulator:
 
     # -- events ---------------------------------------------------------------------------
 
+    def _is_inert(self, job: _Job) -> bool:
+        """Rule 5: this new job can change nothing the last (quiet) cycle decided."""
+        wl = job.wl
+        gang = wl.tasks[: wl.gang_size]
+        if not self.last_fair or any(t.gpu.kind is GpuRequestKind.MEMORY for t in gang):
+            return False
+        need = (
+            sum(t.gpu.milli_nominal() for t in gang),
+            sum(t.cpu_milli for t in gang),
+            sum(t.memory_mib for t in gang),
+        )
+        if need[0] <= 0 or need[0] <= self.free_milli:
+            return False  # it might start now
+        project = wl.queue
+        fair = self.last_fair.get(project)
+        if fair is None or round(self.alloc_now[job.pidx] * GPU_MILLI) + need[0] <= fair.gpu:
+            return False  # within its fair share: it might reclaim
+        if self.can_preempt and self.running_prio and wl.priority > min(self.running_prio):
+            return False  # it might preempt
+        for q in self.paths[project]:
+            f, d = self.last_fair.get(q), self.last_demand.get(q)
+            if f is None or d is None:
+                return False
+            for k, (fk, dk) in enumerate(((f.gpu, d.gpu), (f.cpu, d.cpu), (f.memory, d.memory))):
+                if need[k] > 0 and dk <= fk:
+                    return False  # more demand here could raise a fair share
+        return True
+
     def _arrive(self, job: _Job) -> None:
+        if self.inert and self.can_reclaim:
+            self.inert = self._is_inert(job)
         self.active[job.wl.id] = job
         self._set_pending(job, True)
         self.new_min_need = min(self.new_min_need, job.milli)
@@ -416,6 +469,9 @@ class Simulator:
             usage_history=self._usage_history(now),
         )
         result = self.scheduler(snapshot, self.config)
+        self.last_fair, self.last_demand = result.fair_shares, result.demands
+        self.last_quiet = not result.binds and not result.evictions
+        self.inert = True
         evicted = self._apply(result)
         self.waited = bool(self.pending)
         if evicted and self.pending:
