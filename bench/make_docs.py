@@ -33,8 +33,10 @@ SECTIONS = [
         "the issue names (checked: `cut -d, -f5 data/philly/philly_2017_sep_oct.csv | sort -u`).",
         "_Not completed._ `bench/philly.py --policy aifab --policy kai --policy fifo --jobs 2 --name "
         "philly-full` was started on 2026-11-28 at 19:28 UTC and stopped after 358 s, at simulated day 33.6 "
-        "(aifab) and 35.9 (kai) of about 69. The previous code reached day 34.8 and 36.3 after 994 s, so "
-        "this session's changes make the backlog phase about 2.8x faster, but once thousands of jobs wait "
+        "(aifab) and 35.9 (kai) of about 69, sharing the 2 cores with two orphaned workers of an earlier "
+        "attempt (so these are pessimistic). The previous code reached day 34.8 and 36.3 after 994 s "
+        "without that contention: this session's changes make the backlog phase at least 2.8x faster, but "
+        "once thousands of jobs wait "
         "every cycle still walks all of them (about 9 ms per cycle with 3,365 pending, measured on a "
         "snapshot taken at day 31.5), and the replay stays far above the 120 s per policy the issue "
         "allows. This is an open item, not a result.",
