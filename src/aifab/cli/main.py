@@ -8,6 +8,7 @@ import typer
 
 from aifab import __version__
 from aifab.cli.packing import packing_command
+from aifab.cli.platform import register
 from aifab.cli.sim import sim_command
 
 app = typer.Typer(
@@ -35,6 +36,7 @@ def main(
 
 app.command("sim")(sim_command)
 app.command("packing")(packing_command)
+register(app)
 
 if __name__ == "__main__":
     app()

@@ -57,3 +57,15 @@ class NotFoundError(AifabError):
 
 class ConflictError(AifabError):
     code = "conflict"
+
+
+class AuthenticationError(AifabError):
+    """No token, or a token that is unknown or revoked."""
+
+    code = "unauthenticated"
+
+
+class PermissionDeniedError(AifabError):
+    """A known user asking for something their role does not allow."""
+
+    code = "forbidden"

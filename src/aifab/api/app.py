@@ -1,0 +1,198 @@
+"""The REST API: thin routers that parse, call one service, and return a schema.
+
+Errors are turned into HTTP responses in one place (:func:`_aifab_error`): every aifab error
+has a stable code, and the body is ``{"error": code, "message": ..., "field": ...}``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.orm import Session
+
+from aifab import __version__
+from aifab.api.schemas import LogChunk, NodeOut, ProjectIn, ProjectOut, UserIn, WorkloadDetail, WorkloadOut
+from aifab.backends.base import Backend
+from aifab.control.db import Database
+from aifab.control.loops import Controller
+from aifab.control.services import audit, auth, projects, workloads
+from aifab.control.services import nodes as node_service
+from aifab.control.settings import Settings
+from aifab.core.errors import (
+    AifabError,
+    AuthenticationError,
+    ConflictError,
+    NotFoundError,
+    PermissionDeniedError,
+    ValidationError,
+)
+
+STATUS = {
+    ValidationError: 422,
+    NotFoundError: 404,
+    ConflictError: 409,
+    AuthenticationError: 401,
+    PermissionDeniedError: 403,
+}
+
+
+@dataclass
+class ServerContext:
+    settings: Settings
+    db: Database
+    backend: Backend
+    controller: Controller
+
+
+def _status(exc: AifabError) -> int:
+    for kind, code in STATUS.items():
+        if isinstance(exc, kind):
+            return code
+    return 400
+
+
+def _session(request: Request) -> Iterator[Session]:
+    with request.app.state.ctx.db.session() as s:
+        yield s
+
+
+Db = Annotated[Session, Depends(_session)]
+
+
+def _principal(s: Db, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
+    token = authorization.removeprefix("Bearer ").strip() if authorization else None
+    return auth.authenticate(s, token)
+
+
+Who = Annotated[auth.Principal, Depends(_principal)]
+
+
+def create_app(ctx: ServerContext) -> FastAPI:
+    app = FastAPI(title="aifab", version=__version__, description="aifab control plane API")
+    app.state.ctx = ctx
+
+    @app.exception_handler(AifabError)
+    async def _aifab_error(request: Request, exc: AifabError) -> JSONResponse:
+        return JSONResponse(
+            status_code=_status(exc), content={"error": exc.code, "message": exc.message, "field": exc.field}
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        field = ".".join(str(x) for x in first.get("loc", ()) if x != "body") or None
+        return JSONResponse(
+            status_code=422,
+            content={"error": "validation_error", "message": first.get("msg", ""), "field": field},
+        )
+
+    def source(request: Request) -> str:
+        return request.client.host if request.client else ""
+
+    @app.get("/v1/health")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/whoami")
+    def whoami(p: Who) -> dict[str, Any]:
+        return {"name": p.name, "admin": p.admin, "roles": {k: v.value for k, v in p.roles.items()}}
+
+    @app.post("/v1/workloads", status_code=201)
+    def submit(body: dict[str, Any], s: Db, p: Who, request: Request) -> WorkloadOut:
+        row = workloads.submit(s, p, body, ctx.settings.checkpoints_dir, source=source(request))
+        s.flush()
+        ctx.controller.wake.set()
+        return WorkloadOut(**workloads.summary(row))
+
+    @app.get("/v1/workloads")
+    def list_workloads(
+        s: Db,
+        p: Who,
+        project: str | None = None,
+        phase: Annotated[list[str] | None, Query()] = None,
+        limit: int = 1000,
+    ) -> list[WorkloadOut]:
+        return [WorkloadOut(**workloads.summary(r)) for r in workloads.listing(s, p, project, phase, limit)]
+
+    @app.get("/v1/workloads/{ref}")
+    def describe(ref: str, s: Db, p: Who) -> WorkloadDetail:
+        return WorkloadDetail(**workloads.describe(s, p, ref))
+
+    @app.post("/v1/workloads/{ref}/cancel")
+    def cancel(ref: str, s: Db, p: Who, request: Request) -> WorkloadOut:
+        row = workloads.cancel(s, p, ref, source(request))
+        ctx.controller.wake.set()
+        return WorkloadOut(**workloads.summary(row))
+
+    @app.get("/v1/workloads/{ref}/logs")
+    def logs(ref: str, s: Db, p: Who, task: int = 0, attempt: int | None = None, offset: int = 0) -> LogChunk:
+        if offset < 0:
+            raise ValidationError("must be >= 0", field="offset")
+        run = workloads.task_run(s, p, ref, task, attempt)
+        row = workloads.get(s, p, ref)
+        if not run.handle:
+            return LogChunk(text="", offset=offset, attempt=run.attempt, done=run.state in ("exited", "lost"))
+        data, nxt = ctx.backend.read_log(run.handle, offset)
+        done = run.state in ("exited", "lost") and row.phase in (
+            *workloads.FINAL_PHASES,
+            "pending",
+            "preempted",
+        )
+        return LogChunk(
+            text=data.decode(errors="replace"), offset=nxt, attempt=run.attempt, done=done and not data
+        )
+
+    @app.get("/v1/projects")
+    def list_projects(s: Db, p: Who) -> list[ProjectOut]:
+        return [ProjectOut(**x) for x in projects.overview(s, p)]
+
+    @app.post("/v1/projects", status_code=201)
+    def create_project(body: ProjectIn, s: Db, p: Who, request: Request) -> ProjectOut:
+        projects.create_queue(s, p, projects.QueueSpec(**body.model_dump()))
+        audit.record(s, p, "queue.create", body.name, source(request), **body.model_dump())
+        s.flush()
+        return next(ProjectOut(**x) for x in projects.overview(s, p) if x["name"] == body.name)
+
+    @app.get("/v1/nodes")
+    def list_nodes(s: Db, p: Who) -> list[NodeOut]:
+        return [NodeOut(**x) for x in node_service.listing(s)]
+
+    @app.post("/v1/users", status_code=201)
+    def create_user(body: UserIn, s: Db, p: Who, request: Request) -> dict[str, Any]:
+        auth.require_admin(p)
+        auth.create_user(s, body.name, body.admin)
+        for project, role in body.roles.items():
+            if not projects.is_project(s, project):
+                raise ValidationError(f"no project {project}", field=f"roles.{project}")
+            auth.set_role(s, body.name, project, auth.Role(role))
+        token = auth.issue_token(s, body.name)
+        audit.record(s, p, "user.create", body.name, source(request), admin=body.admin, roles=body.roles)
+        return {"name": body.name, "token": token}
+
+    @app.post("/v1/users/{name}/tokens", status_code=201)
+    def new_token(name: str, s: Db, p: Who, request: Request) -> dict[str, Any]:
+        auth.require_admin(p)
+        token = auth.issue_token(s, name)
+        audit.record(s, p, "token.issue", name, source(request))
+        return {"name": name, "token": token}
+
+    @app.get("/v1/audit")
+    def read_audit(s: Db, p: Who, limit: int = 200) -> list[dict[str, Any]]:
+        return [
+            {
+                "time": r.time,
+                "actor": r.actor,
+                "action": r.action,
+                "target": r.target,
+                "source": r.source,
+                "detail": r.detail,
+            }
+            for r in audit.read(s, p, limit)
+        ]
+
+    return app

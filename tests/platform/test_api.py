@@ -1,0 +1,94 @@
+"""The control plane through its API, against SQLite and PostgreSQL, with real processes."""
+
+from __future__ import annotations
+
+import sys
+
+from .conftest import Platform
+
+PY = sys.executable
+
+
+def job(name: str, project: str, code: str, **extra: object) -> dict[str, object]:
+    return {"kind": "job", "name": name, "project": project, "command": [PY, "-c", code], **extra}
+
+
+def make_project(p: Platform, name: str, deserved: float = 2) -> None:
+    r = p.api.post("/v1/projects", json={"name": name, "deserved_gpus": deserved})
+    assert r.status_code == 201, r.text
+
+
+def test_a_job_runs_to_success_with_logs_and_events(platform: Platform) -> None:
+    make_project(platform, "vision")
+    r = platform.api.post(
+        "/v1/workloads",
+        json=job(
+            "hello",
+            "vision",
+            "import os; print('hi from', os.environ['AIFAB_JOB_ID'], os.environ['CUDA_VISIBLE_DEVICES'])",
+            resources={"gpus": 1},
+        ),
+    )
+    assert r.status_code == 201, r.text
+    wid = r.json()["id"]
+    d = platform.wait(wid, lambda d: d["phase"] == "succeeded")
+    assert [e["kind"] for e in d["events"]][:3] == ["pending", "scheduled", "launched"]
+    assert d["tasks"][0]["exit_code"] == 0
+    log = platform.api.get(f"/v1/workloads/{wid}/logs").json()
+    assert f"hi from {wid} 0" in log["text"]
+
+
+def test_two_half_gpu_jobs_share_one_device(platform: Platform) -> None:
+    make_project(platform, "nlp")
+    ids = [
+        platform.api.post(
+            "/v1/workloads",
+            json=job(f"half{i}", "nlp", "import time; time.sleep(1.5)", resources={"gpus": 0.5}),
+        ).json()["id"]
+        for i in range(2)
+    ]
+    runs = [platform.wait(w, lambda d: d["phase"] == "running") for w in ids]
+    devices = {tuple(d["tasks"][0]["devices"]) for d in runs}
+    assert len(devices) == 1  # both on the same device
+    assert all(d["tasks"][0]["gpu_milli"] == 500 for d in runs)
+    for w in ids:
+        platform.wait(w, lambda d: d["phase"] == "succeeded")
+
+
+def test_cancel_stops_a_running_job(platform: Platform) -> None:
+    make_project(platform, "vision")
+    wid = platform.api.post(
+        "/v1/workloads", json=job("sleeper", "vision", "import time; time.sleep(60)", checkpoint_grace=1)
+    ).json()["id"]
+    platform.wait(wid, lambda d: d["phase"] == "running")
+    assert platform.api.post(f"/v1/workloads/{wid}/cancel").status_code == 200
+    d = platform.wait(wid, lambda d: d["phase"] == "cancelled")
+    assert d["tasks"][0]["state"] == "exited"
+
+
+def test_failure_is_retried_then_failed(platform: Platform) -> None:
+    make_project(platform, "vision")
+    wid = platform.api.post(
+        "/v1/workloads", json=job("flaky", "vision", "raise SystemExit(3)", retries=1)
+    ).json()["id"]
+    d = platform.wait(wid, lambda d: d["phase"] == "failed")
+    assert d["failures"] == 2 and d["attempt"] == 2
+    assert [t["exit_code"] for t in d["tasks"]] == [3, 3]
+
+
+def test_bad_input_is_a_clear_4xx(platform: Platform) -> None:
+    make_project(platform, "vision")
+    cases = [
+        (job("x", "nowhere", "pass"), 404, "project"),
+        (job("x", "vision", "pass", resources={"gpus": -1}), 422, "resources.gpus"),
+        (job("x", "vision", "pass", bogus=1), 422, "bogus"),
+        ({"kind": "job", "name": "x", "project": "vision"}, 422, "command"),
+    ]
+    for body, status, field in cases:
+        r = platform.api.post("/v1/workloads", json=body)
+        assert r.status_code == status, (body, r.text)
+        assert field in (r.json().get("field") or "") + r.json()["message"], r.text
+    assert platform.api.post("/v1/projects", json={"name": "Bad_Name"}).status_code == 422
+    assert platform.api.get("/v1/workloads/w999").status_code == 404
+    anon = platform.as_user("afb_not-a-token")
+    assert anon.get("/v1/workloads").status_code == 401
