@@ -61,7 +61,8 @@ def _session(request: Request) -> Iterator[Session]:
         yield s
 
 
-Db = Annotated[Session, Depends(_session)]
+# scope="function": commit before the response goes out, so "201" means it is stored.
+Db = Annotated[Session, Depends(_session, scope="function")]
 
 
 def _principal(s: Db, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
@@ -115,7 +116,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
         p: Who,
         project: str | None = None,
         phase: Annotated[list[str] | None, Query()] = None,
-        limit: int = 1000,
+        limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
     ) -> list[WorkloadOut]:
         return [WorkloadOut(**workloads.summary(r)) for r in workloads.listing(s, p, project, phase, limit)]
 
@@ -182,7 +183,9 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return {"name": name, "token": token}
 
     @app.get("/v1/audit")
-    def read_audit(s: Db, p: Who, limit: int = 200) -> list[dict[str, Any]]:
+    def read_audit(
+        s: Db, p: Who, limit: Annotated[int, Query(ge=1, le=10_000)] = 200
+    ) -> list[dict[str, Any]]:
         return [
             {
                 "time": r.time,

@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from aifab import __version__
+from aifab.cli.demo import demo_command
 from aifab.cli.packing import packing_command
 from aifab.cli.platform import register
 from aifab.cli.sim import sim_command
@@ -37,6 +38,7 @@ def main(
 app.command("sim")(sim_command)
 app.command("packing")(packing_command)
 register(app)
+app.command("demo")(demo_command)
 
 if __name__ == "__main__":
     app()

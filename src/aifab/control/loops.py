@@ -88,6 +88,9 @@ class Controller:
         return hit[1]
 
     def schedule_once(self, now: float | None = None) -> CycleResult | None:
+        """Snapshot (one short transaction), decide (no transaction: SQLite has one writer and
+        submissions must not wait for the scheduler), persist (a second transaction that drops
+        the whole cycle if any workload it decided about changed meanwhile)."""
         now = time.time() if now is None else now
         with self.db.session() as s:
             rows = list(
@@ -100,8 +103,21 @@ class Controller:
             runs = _active_runs(s, [r.id for r in rows])
             workloads = [w for r in rows if (w := self._workload(r, runs.get(r.id, []), now)) is not None]
             snapshot = ClusterSnapshot(node_service.core_nodes(s), queue_tree(s), tuple(workloads), now)
-            result = run_cycle(snapshot, self.settings.scheduler)
-            self._persist(s, result, {r.id: r for r in rows}, runs, now)
+            seen = {r.id: (r.phase, r.attempt, r.cancel_requested) for r in rows}
+        result = run_cycle(snapshot, self.settings.scheduler)
+        with self.db.session() as s:
+            decided = {e.workload_id for e in result.evictions} | {b.workload_id for b in result.binds}
+            fresh = {r.id: r for r in s.scalars(select(WorkloadRow).where(WorkloadRow.id.in_(decided)))}
+            if any(
+                wid not in fresh
+                or seen.get(wid) != (fresh[wid].phase, fresh[wid].attempt, fresh[wid].cancel_requested)
+                for wid in decided
+            ):
+                self.wake.set()  # decide again on what is there now
+                result = replace(result, binds=(), evictions=())
+            pending = {r.id: r for r in s.scalars(select(WorkloadRow).where(WorkloadRow.phase == "pending"))}
+            runs = _active_runs(s, list(fresh))
+            self._persist(s, result, {**pending, **fresh}, runs, now)
         self.last_result = result
         return result
 
@@ -218,14 +234,20 @@ class Controller:
             ).all()
             if not bound:
                 return []
-            busy = s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(("evicting", "stopping")))).all()
-            held: dict[str, set[int]] = defaultdict(set)
-            for r in busy:
-                held[r.node].update(int(d) for d in r.devices)
+            # What each device really holds: tasks launched or still inside a grace period. A
+            # bound task waits until its share fits, whatever the scheduler assumed (e.g. that
+            # its victims are already gone).
+            used: dict[tuple[str, int], int] = defaultdict(int)
+            holding = ("launching", "running", "evicting", "stopping")
+            for r in s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(holding))):
+                for d in r.devices:
+                    used[(r.node, int(d))] += r.gpu_milli
             claimed = []
             for r in bound:
-                if held.get(r.node, set()) & {int(d) for d in r.devices}:
-                    continue  # its devices are still held by a task inside its grace period
+                if any(used[(r.node, int(d))] + r.gpu_milli > 1000 for d in r.devices):
+                    continue
+                for d in r.devices:
+                    used[(r.node, int(d))] += r.gpu_milli
                 r.state = "launching"
                 claimed.append(r.id)
             return claimed
