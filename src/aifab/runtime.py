@@ -13,7 +13,7 @@ A typical loop::
             save(ckpt / "model.pt")
             runtime.checkpoint_saved(step)
         if runtime.preempted():
-            break                        # exit 0: the job is requeued and resumes from ckpt
+            sys.exit(143)                # requeued by aifab; resumes from ckpt (any code will do)
 
 Preemption and cancellation: the control plane sends SIGTERM, waits the job's
 ``checkpoint_grace`` seconds (30 by default), then sends SIGKILL. Once :func:`install` has run,
@@ -21,8 +21,8 @@ SIGTERM only sets a flag that :func:`preempted` reports, so the script decides w
 exit. ``checkpoint_saved`` tells the control plane how recent the last checkpoint is; when it must
 evict something it prefers victims that lose the least work.
 
-Environment set by the control plane: ``AIFAB_JOB_ID``, ``AIFAB_ATTEMPT`` (0 on the first run,
-+1 per retry or preemption), ``AIFAB_CHECKPOINT_DIR`` (kept across attempts) and
+Environment set by the control plane: ``AIFAB_JOB_ID``, ``AIFAB_ATTEMPT`` (1 on the first run,
++1 per retry or preemption; 0 outside aifab), ``AIFAB_CHECKPOINT_DIR`` (kept across attempts) and
 ``AIFAB_GPU_FRACTION`` (only for fractional GPU jobs).
 """
 
@@ -64,7 +64,8 @@ def job_id() -> str | None:
 
 
 def attempt() -> int:
-    """Which run of the job this is: 0 first, then 1, 2, ... after retries and preemptions."""
+    """Which run of the job this is: 1 first, then 2, 3, ... after retries and preemptions (0
+    outside aifab)."""
     raw = os.environ.get(ENV_ATTEMPT, "").strip()
     if not raw:
         return 0

@@ -70,7 +70,7 @@ def _mnist(name: str, project: str, gpus: float, epochs: int, sleep: float, **ex
         "project": project,
         "command": [sys.executable, str(TRAIN), "--epochs", str(epochs), "--sleep-per-epoch", str(sleep)],
         "workdir": str(TRAIN.parent),
-        "resources": {"gpus": gpus, "cpu": 0.5, "memory": "1GiB"},
+        "resources": {"gpus": gpus, "cpu": 0.1, "memory": "1GiB"},  # CPU is not the point here
         "checkpoint_grace": 10,
         **extra,
     }
@@ -190,23 +190,23 @@ def _run_mix(c: Client, gpus: int, epochs: int) -> list[str]:
     c.create_project(name="nlp", deserved_gpus=gpus - half)
     console.print(f"projects: vision (deserved {half} GPUs), nlp (deserved {gpus - half} GPUs)")
     ids = []
-    # vision trains more models than its quota holds: it borrows nlp's idle GPUs.
+    # vision trains as many models as there are GPUs: nlp is idle, so vision borrows its quota.
     for i in range(gpus):
         ids.append(c.submit(_mnist(f"mnist-{i}", "vision", 1, epochs, 1.0))["id"])
-    # two fractional jobs share one GPU in nlp.
-    for i in range(2):
-        ids.append(c.submit(_mnist(f"small-{i}", "nlp", 0.5, max(1, epochs // 2), 0.5))["id"])
     with Live(_table(c.workloads()), console=console, refresh_per_second=4) as live:
-        reclaim_sent = False
+        nlp_sent = False
         while True:
             rows = c.workloads()
             live.update(_table(rows))
-            running = [r for r in rows if r["phase"] == "running"]
-            if not reclaim_sent and len(running) >= gpus:
-                # nlp wants a GPU of its quota back for an interactive (non-preemptible) job:
-                # the scheduler reclaims it from vision, whose cheapest job yields and resumes later.
+            if not nlp_sent and sum(r["phase"] == "running" for r in rows) >= gpus:
+                # nlp comes back: two half-GPU jobs that share one device, and an interactive
+                # (non-preemptible) job. Its fair share is its deserved quota again, so the
+                # scheduler reclaims two GPUs from vision: the vision trainings that lose least
+                # work get SIGTERM, save, are requeued and resume from their checkpoints.
+                for i in range(2):
+                    ids.append(c.submit(_mnist(f"small-{i}", "nlp", 0.5, max(1, epochs // 2), 0.5))["id"])
                 ids.append(c.submit(_mnist("urgent", "nlp", 1, epochs, 0.5, priority="interactive"))["id"])
-                reclaim_sent = True
-            if reclaim_sent and all(r["phase"] in ("succeeded", "failed", "cancelled") for r in rows):
+                nlp_sent = True
+            if nlp_sent and all(r["phase"] in ("succeeded", "failed", "cancelled") for r in rows):
                 return ids
             time.sleep(0.5)
