@@ -131,9 +131,14 @@ def create_app(ctx: ServerContext) -> FastAPI:
         return WorkloadOut(**workloads.summary(row))
 
     @app.get("/v1/workloads/{ref}/logs")
-    def logs(ref: str, s: Db, p: Who, task: int = 0, attempt: int | None = None, offset: int = 0) -> LogChunk:
-        if offset < 0:
-            raise ValidationError("must be >= 0", field="offset")
+    def logs(
+        ref: str,
+        s: Db,
+        p: Who,
+        task: Annotated[int, Query(ge=0, le=100_000)] = 0,
+        attempt: Annotated[int | None, Query(ge=1, le=1_000_000)] = None,
+        offset: Annotated[int, Query(ge=0, le=1 << 62)] = 0,
+    ) -> LogChunk:
         run = workloads.task_run(s, p, ref, task, attempt)
         row = workloads.get(s, p, ref)
         if not run.handle:

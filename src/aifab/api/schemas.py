@@ -64,10 +64,11 @@ class ProjectIn(BaseModel):
 
     name: str
     parent: str | None = None
-    deserved_gpus: float = Field(0.0, ge=0)
-    over_quota_weight: float = Field(1.0, ge=0)
-    limit_gpus: float | None = Field(None, ge=0)
-    priority: int = 0
+    # Bounds keep every value inside what the store holds (a 64-bit integer of milli-GPUs).
+    deserved_gpus: float = Field(0.0, ge=0, le=1_000_000)
+    over_quota_weight: float = Field(1.0, ge=0, le=1_000_000)
+    limit_gpus: float | None = Field(None, ge=0, le=1_000_000)
+    priority: int = Field(0, ge=-1000, le=1000)
 
 
 class ProjectOut(BaseModel):
