@@ -63,6 +63,14 @@ SECTIONS = [
         "sim_speed.md",
         "`bench/sim_speed.py`: simulator events per second on a synthetic workload.",
     ),
+    (
+        "Issue 3: the control plane on one machine",
+        "control_plane.md",
+        "`bench/control_plane.py`: a real `aifab server` process (SQLite store, 4 virtual GPUs, local "
+        "executor) driven through its HTTP API: submit-to-running latency of trivial jobs, sustained "
+        "submissions per second, the workload listing behind `aifab ps` with 10,000 queued, and one "
+        "schedule pass with 10,000 queued.",
+    ),
 ]
 
 

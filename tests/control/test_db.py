@@ -279,7 +279,7 @@ def test_sqlite_connection_settings(sqlite_db: Database) -> None:
         pragma = lambda name: connection.exec_driver_sql(f"PRAGMA {name}").scalar()  # noqa: E731
         assert pragma("journal_mode") == "wal"
         assert pragma("foreign_keys") == 1
-        assert pragma("busy_timeout") == 5000
+        assert pragma("busy_timeout") == 30000
         assert pragma("synchronous") == 1  # NORMAL
 
 
@@ -331,3 +331,36 @@ def test_pg_database_is_really_postgresql(pg_url: str) -> None:
             assert connection.execute(text("SELECT current_database()")).scalar() == engine.url.database
     finally:
         engine.dispose()
+
+
+def test_a_read_session_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """Listings and the scheduler's snapshot read while a submission holds SQLite's write lock."""
+    import threading
+    import time
+
+    db = Database(f"sqlite:///{tmp_path / 'r.db'}")
+    db.migrate()
+    with db.session() as s:
+        s.add(StateRow(key="k", value={"v": 0}))
+    locked, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with db.session() as s:
+            row = s.get(StateRow, "k")
+            assert row is not None
+            row.value = {"v": 1}
+            s.flush()
+            locked.set()
+            release.wait(10)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    assert locked.wait(10)
+    started = time.monotonic()
+    with db.read_session() as s:
+        row = s.get(StateRow, "k")
+        assert row is not None and row.value == {"v": 0}  # the last committed state
+    assert time.monotonic() - started < 1.0
+    release.set()
+    t.join()
+    db.dispose()

@@ -122,12 +122,12 @@ def _summary(c: Client, ids: list[str]) -> Table:
         "AVG QUEUE s",
         "PREEMPTIONS",
         "LOST GPU-s",
-        "FINAL ACCURACIES",
+        "ACCURACY (RUNS)",
     ):
         t.add_column(col)
     for name, p in sorted(per.items()):
         wait = sum(p["wait"]) / len(p["wait"]) if p["wait"] else 0.0
-        accs = ", ".join(f"{a:.3f}" for a in p["acc"]) or "-"
+        accs = f"{min(p['acc']):.3f}-{max(p['acc']):.3f} ({len(p['acc'])})" if p["acc"] else "-"
         t.add_row(
             name,
             str(p["jobs"]),

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from aifab.backends.base import Backend, BackendError, LaunchRequest, TaskState
 from aifab.control import spec as specs
@@ -47,6 +47,9 @@ from aifab.scheduler import run_cycle
 ACTIVE_RUNS = ("bound", "launching", "running", "evicting", "stopping")
 LIVE_RUNS = ("running", "stopping")  # a process may exist
 PREEMPTING = "preempting"  # reason_code while an evicted workload's tasks stop
+# Specs are loaded (and validated) once per workload and cached: decoding 10,000 JSON specs on
+# every pass was most of a pass.
+_NO_SPEC = defer(WorkloadRow.spec)
 
 
 class Controller:
@@ -57,6 +60,7 @@ class Controller:
         self.wake = threading.Event()
         self.last_result: CycleResult | None = None
         self._spec_cache: dict[str, tuple[dict[str, Any], specs.JobSpec]] = {}
+        self._base: dict[str, Workload] = {}
 
     # ----- inventory -----------------------------------------------------------------------
     def sync_inventory(self) -> None:
@@ -81,9 +85,12 @@ class Controller:
 
     # ----- schedule ------------------------------------------------------------------------
     def _spec(self, row: WorkloadRow) -> specs.JobSpec:
+        # A workload's spec never changes after submission: validate it once, not every pass.
         hit = self._spec_cache.get(row.id)
-        if hit is None or hit[0] is not row.spec:
+        if hit is None:
             hit = (row.spec, specs.spec_from_dict(row.spec, source=f"workload {row.id}"))
+            if len(self._spec_cache) > 200_000:
+                self._spec_cache.clear()
             self._spec_cache[row.id] = hit
         return hit[1]
 
@@ -92,10 +99,12 @@ class Controller:
         submissions must not wait for the scheduler), persist (a second transaction that drops
         the whole cycle if any workload it decided about changed meanwhile)."""
         now = time.time() if now is None else now
-        with self.db.session() as s:
+        with self.db.read_session() as s:
             rows = list(
                 s.scalars(
-                    select(WorkloadRow).where(WorkloadRow.phase.in_(("pending", "scheduled", "running")))
+                    select(WorkloadRow)
+                    .options(_NO_SPEC)
+                    .where(WorkloadRow.phase.in_(("pending", "scheduled", "running")))
                 )
             )
             if not any(r.phase == "pending" and not r.cancel_requested for r in rows):
@@ -104,10 +113,14 @@ class Controller:
             workloads = [w for r in rows if (w := self._workload(r, runs.get(r.id, []), now)) is not None]
             snapshot = ClusterSnapshot(node_service.core_nodes(s), queue_tree(s), tuple(workloads), now)
             seen = {r.id: (r.phase, r.attempt, r.cancel_requested) for r in rows}
+            said = {r.id: r.reason for r in rows if r.phase == "pending"}
         result = run_cycle(snapshot, self.settings.scheduler)
         with self.db.session() as s:
             decided = {e.workload_id for e in result.evictions} | {b.workload_id for b in result.binds}
-            fresh = {r.id: r for r in s.scalars(select(WorkloadRow).where(WorkloadRow.id.in_(decided)))}
+            fresh = {
+                r.id: r
+                for r in s.scalars(select(WorkloadRow).options(_NO_SPEC).where(WorkloadRow.id.in_(decided)))
+            }
             if any(
                 wid not in fresh
                 or seen.get(wid) != (fresh[wid].phase, fresh[wid].attempt, fresh[wid].cancel_requested)
@@ -115,15 +128,23 @@ class Controller:
             ):
                 self.wake.set()  # decide again on what is there now
                 result = replace(result, binds=(), evictions=())
-            pending = {r.id: r for r in s.scalars(select(WorkloadRow).where(WorkloadRow.phase == "pending"))}
+            # Only the waiting workloads whose reason changed are loaded and written.
+            changed = [wid for wid, why in result.pending.items() if wid in said and said[wid] != why.message]
+            pending: dict[str, WorkloadRow] = {}
+            for i in range(0, len(changed), 5000):
+                q = select(WorkloadRow).options(_NO_SPEC).where(WorkloadRow.id.in_(changed[i : i + 5000]))
+                pending.update((r.id, r) for r in s.scalars(q))
             runs = _active_runs(s, list(fresh))
             self._persist(s, result, {**pending, **fresh}, runs, now)
         self.last_result = result
         return result
 
     def _workload(self, row: WorkloadRow, runs: list[TaskRunRow], now: float) -> Workload | None:
-        spec = self._spec(row)
-        base = spec.to_workload(row.id, row.submit_time)
+        base = self._base.get(row.id)
+        if base is None:  # immutable like the spec it comes from: built once per workload
+            base = self._base[row.id] = self._spec(row).to_workload(row.id, row.submit_time)
+            if len(self._base) > 200_000:
+                self._base.clear()
         if row.phase == "pending":
             return None if row.cancel_requested else base
         current = [r for r in runs if r.attempt == row.attempt]

@@ -23,11 +23,14 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 
 # Milliseconds a SQLite connection waits for another writer's lock before "database is locked".
-SQLITE_BUSY_TIMEOUT_MS = 5000
+SQLITE_BUSY_TIMEOUT_MS = 30000  # a writer may wait behind a long scheduler write under load
 
 # Driver names that mean "PostgreSQL, pick the driver for me"; ``postgres://`` is what Heroku-style
 # environments hand out and SQLAlchemy no longer accepts it.
 _BARE_POSTGRES_DRIVERS = {"postgres", "postgresql"}
+
+
+READ_ONLY = "aifab_read_only"
 
 
 def normalise_url(url: str | URL) -> URL:
@@ -100,7 +103,10 @@ def _configure_sqlite(engine: Engine) -> None:
         # AUTOCOMMIT (e.g. for VACUUM) must stay outside any transaction.
         if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             return
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # A read-only unit of work (listings, the scheduler's snapshot) must not take the write
+        # lock: with WAL it reads a consistent snapshot while writers go on.
+        read_only = connection.get_execution_options().get(READ_ONLY, False)
+        connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
 def session_factory(engine: Engine) -> sessionmaker[Session]:
@@ -193,6 +199,16 @@ class Database:
         """A unit of work: committed when the block ends normally, rolled back if it raises."""
         with self.sessions() as session, session.begin():
             yield session
+
+    @contextmanager
+    def read_session(self) -> Iterator[Session]:
+        """A read-only unit of work: never takes SQLite's write lock; always rolled back."""
+        with self.sessions() as session:
+            session.connection(execution_options={READ_ONLY: True})
+            try:
+                yield session
+            finally:
+                session.rollback()
 
     def dispose(self) -> None:
         """Close every pooled connection (at shutdown, and before a test drops its database)."""
