@@ -51,8 +51,10 @@ class Client:
     def submit(self, spec: dict[str, Any]) -> dict[str, Any]:
         return dict(self._call("POST", "/v1/workloads", json=spec))
 
-    def workloads(self, project: str | None = None, phases: list[str] | None = None) -> list[dict[str, Any]]:
-        params: dict[str, Any] = {}
+    def workloads(
+        self, project: str | None = None, phases: list[str] | None = None, limit: int = 100_000
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"limit": limit}
         if project:
             params["project"] = project
         if phases:
