@@ -88,6 +88,18 @@ def test_bad_input_is_a_clear_4xx(platform: Platform) -> None:
         r = platform.api.post("/v1/workloads", json=body)
         assert r.status_code == status, (body, r.text)
         assert field in (r.json().get("field") or "") + r.json()["message"], r.text
+    assert (
+        platform.api.post(
+            "/v1/projects", json={"name": "capped", "deserved_gpus": 1, "limit_gpus": 1}
+        ).status_code
+        == 201
+    )
+    r = platform.api.post("/v1/workloads", json=job("x", "capped", "pass", resources={"gpus": 2}))
+    assert (
+        r.status_code == 422
+        and r.json()["field"] == "resources.gpus"
+        and "limited to 1" in r.json()["message"]
+    )
     assert platform.api.post("/v1/projects", json={"name": "Bad_Name"}).status_code == 422
     assert platform.api.get("/v1/workloads/w999").status_code == 404
     anon = platform.as_user("afb_not-a-token")

@@ -58,6 +58,13 @@ def submit(
         )
     now = time.time()
     probe = spec.to_workload("probe", now)
+    _within_limits(
+        s,
+        spec.project,
+        probe.requested.gpu
+        if probe.gang_size == len(probe.tasks)
+        else sum(t.nominal().gpu for t in probe.tasks[: probe.gang_size]),
+    )
     for _ in range(5):  # two submissions may race for the same sequence number on PostgreSQL
         seq = (s.scalar(select(func.max(WorkloadRow.seq))) or 0) + 1
         wid = f"w{seq}"
@@ -88,6 +95,22 @@ def submit(
         audit.record(s, p, "workload.submit", wid, source, project=spec.project, name=spec.name)
         return row
     raise ConflictError("could not allocate a workload id; try again")
+
+
+def _within_limits(s: Session, project: str, gpu_milli: int) -> None:
+    """A workload bigger than a GPU limit on its project's path could never start: refuse it."""
+    name: str | None = project
+    while name is not None:
+        q = s.get(QueueRow, name)
+        if q is None:
+            return
+        if q.gpu_limit is not None and gpu_milli > q.gpu_limit:
+            kind = "project" if name == project else "department"
+            raise ValidationError(
+                f"needs {gpu_milli / 1000:g} GPUs but {kind} {name} is limited to {q.gpu_limit / 1000:g}",
+                field="resources.gpus",
+            )
+        name = q.parent
 
 
 def get(s: Session, p: Principal, ref: str) -> WorkloadRow:
