@@ -58,13 +58,7 @@ def submit(
         )
     now = time.time()
     probe = spec.to_workload("probe", now)
-    _within_limits(
-        s,
-        spec.project,
-        probe.requested.gpu
-        if probe.gang_size == len(probe.tasks)
-        else sum(t.nominal().gpu for t in probe.tasks[: probe.gang_size]),
-    )
+    _within_limits(s, spec.project, sum(t.nominal().gpu for t in probe.tasks[: probe.gang_size]))
     for _ in range(5):  # two submissions may race for the same sequence number on PostgreSQL
         seq = (s.scalar(select(func.max(WorkloadRow.seq))) or 0) + 1
         wid = f"w{seq}"
