@@ -126,6 +126,39 @@ def test_user_journey_through_the_cli(env: Env, tmp_path: Path) -> None:
     env.wait_phase(wid2, "succeeded")
     assert "42" in env.cli("logs", wid2).stdout
 
+    # Fractional sharing: two half-GPU jobs run at once on one device.
+    halves = [
+        _submitted_id(
+            env.cli(
+                "run",
+                "-p",
+                "vision",
+                "--gpus",
+                "0.5",
+                "-o",
+                "json",
+                "--",
+                sys.executable,
+                "-c",
+                "import time; time.sleep(2)",
+            ).stdout
+        )
+        for _ in range(2)
+    ]
+    running = [env.wait_phase(w, "running") for w in halves]
+    assert len({tuple(d["tasks"][0]["devices"]) for d in running}) == 1  # type: ignore[index]
+    for w in halves:
+        env.wait_phase(w, "succeeded")
+    # Cancel: SIGTERM, then the workload is cancelled.
+    sleeper = _submitted_id(
+        env.cli(
+            "run", "-p", "vision", "-o", "json", "--", sys.executable, "-c", "import time; time.sleep(60)"
+        ).stdout
+    )
+    env.wait_phase(sleeper, "running")
+    assert "cancelling" in env.cli("cancel", sleeper).stdout
+    env.wait_phase(sleeper, "cancelled")
+
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: job\nname: [unclosed\n")
     r = env.cli("apply", "-f", str(bad), ok=False)
