@@ -136,7 +136,7 @@ def create_app(ctx: ServerContext) -> FastAPI:
     ) -> JSONResponse:
         # Rows are already in the documented shape: skipping per-row model validation keeps a
         # listing of 10,000 queued workloads fast (`aifab ps`).
-        return JSONResponse([workloads.summary(r) for r in workloads.listing(s, p, project, phase, limit)])
+        return JSONResponse(workloads.listing(s, p, project, phase, limit))
 
     @app.get("/v1/workloads/{ref}")
     def describe(ref: str, s: Db, p: Who) -> WorkloadDetail:
