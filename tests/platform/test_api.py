@@ -104,3 +104,16 @@ def test_bad_input_is_a_clear_4xx(platform: Platform) -> None:
     assert platform.api.get("/v1/workloads/w999").status_code == 404
     anon = platform.as_user("afb_not-a-token")
     assert anon.get("/v1/workloads").status_code == 401
+
+
+def test_a_schedule_pass_is_skipped_only_when_nothing_changed(platform: Platform) -> None:
+    make_project(platform, "vision", deserved=1)
+    r = platform.api.post("/v1/workloads", json=job("big", "vision", "pass", resources={"gpus": 4}))
+    ctl = platform.server.controller
+    first = ctl.schedule_once()
+    assert first is not None and "w1" in first.pending  # 4 GPUs on a 2-GPU node: it waits
+    assert ctl.schedule_once() is None  # same state: the last pass already answered it
+    platform.api.post("/v1/workloads", json=job("small", "vision", "pass", resources={"gpus": 1}))
+    again = ctl.schedule_once()
+    assert again is not None and [b.workload_id for b in again.binds] == ["w2"]
+    assert r.status_code == 201
