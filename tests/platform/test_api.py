@@ -117,3 +117,19 @@ def test_a_schedule_pass_is_skipped_only_when_nothing_changed(platform: Platform
     again = ctl.schedule_once()
     assert again is not None and [b.workload_id for b in again.binds] == ["w2"]
     assert r.status_code == 201
+
+
+def test_admin_revokes_a_users_tokens_through_the_api(platform: Platform) -> None:
+    make_project(platform, "vision")
+    token = platform.api.post("/v1/users", json={"name": "alice", "roles": {"vision": "member"}}).json()[
+        "token"
+    ]
+    alice = platform.as_user(token)
+    assert alice.get("/v1/whoami").status_code == 200
+    assert alice.post("/v1/users/alice/tokens/revoke").status_code == 403  # only admins
+    r = platform.api.post("/v1/users/alice/tokens/revoke")
+    assert r.status_code == 200 and r.json()["revoked"] == 1
+    assert alice.get("/v1/whoami").status_code == 401
+    assert platform.api.post("/v1/users/nobody/tokens/revoke").status_code == 404
+    actions = [e["action"] for e in platform.api.get("/v1/audit").json()]
+    assert actions[0] == "token.revoke"

@@ -20,6 +20,7 @@ from aifab import __version__
 from aifab.api.schemas import LogChunk, NodeOut, ProjectIn, ProjectOut, UserIn, WorkloadDetail, WorkloadOut
 from aifab.backends.base import Backend
 from aifab.control.db import Database
+from aifab.control.db.models import UserRow
 from aifab.control.loops import Controller
 from aifab.control.services import audit, auth, projects, workloads
 from aifab.control.services import nodes as node_service
@@ -204,6 +205,15 @@ def create_app(ctx: ServerContext) -> FastAPI:
         token = auth.issue_token(s, name)
         audit.record(s, p, "token.issue", name, source(request))
         return {"name": name, "token": token}
+
+    @app.post("/v1/users/{name}/tokens/revoke")
+    def revoke_tokens(name: str, s: Db, p: Who, request: Request) -> dict[str, Any]:
+        auth.require_admin(p)
+        if s.get(UserRow, name) is None:
+            raise NotFoundError(f"no user {name}", field="name")
+        revoked = auth.revoke_tokens(s, name)
+        audit.record(s, p, "token.revoke", name, source(request), revoked=revoked)
+        return {"name": name, "revoked": revoked}
 
     @app.get("/v1/audit")
     def read_audit(

@@ -383,6 +383,14 @@ def admin_user(
     console.print(f"created user {u['name']}; token (shown once): {u['token']}")
 
 
+@admin_app.command("revoke")
+def admin_revoke(name: str) -> None:
+    """Revoke every token of a user (they must be given a new one to log in again)."""
+    with _client() as c:
+        r = c.revoke_tokens(name)
+    console.print(f"revoked {r['revoked']} token(s) of {r['name']}")
+
+
 @admin_app.command("audit")
 def admin_audit(limit: int = 50, output: Output = "table") -> None:
     """The audit log, newest first."""

@@ -90,6 +90,9 @@ class Client:
             self._call("POST", "/v1/users", json={"name": name, "admin": admin, "roles": roles or {}})
         )
 
+    def revoke_tokens(self, user: str) -> dict[str, Any]:
+        return dict(self._call("POST", f"/v1/users/{user}/tokens/revoke"))
+
     def whoami(self) -> dict[str, Any]:
         return dict(self._call("GET", "/v1/whoami"))
 
