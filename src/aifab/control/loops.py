@@ -34,7 +34,7 @@ from sqlalchemy.orm import Session, defer
 from aifab.backends.base import Backend, BackendError, LaunchRequest, TaskState
 from aifab.control import spec as specs
 from aifab.control.db import Database
-from aifab.control.db.models import NodeRow, QueueRow, TaskRunRow, WorkloadRow
+from aifab.control.db.models import ACTIVE_RUN_STATES, NodeRow, QueueRow, TaskRunRow, WorkloadRow
 from aifab.control.services import nodes as node_service
 from aifab.control.services.projects import put_state, queue_tree
 from aifab.control.services.workloads import event, transition
@@ -45,7 +45,6 @@ from aifab.core.workloads import TaskPlacement, Workload, WorkloadPhase
 from aifab.scheduler import run_cycle
 
 FULL_PASS_EVERY = 10.0  # seconds: a pass runs at least this often (clock-driven changes: min runtime)
-ACTIVE_RUNS = ("bound", "launching", "running", "evicting", "stopping")
 LIVE_RUNS = ("running", "stopping")  # a process may exist
 PREEMPTING = "preempting"  # reason_code while an evicted workload's tasks stop
 # Specs are loaded (and validated) once per workload and cached: decoding 10,000 JSON specs on
@@ -467,7 +466,7 @@ def _fingerprint(s: Session) -> tuple[Any, ...]:
 def _active_runs(s: Session, ids: Iterable[str]) -> dict[str, list[TaskRunRow]]:
     out: dict[str, list[TaskRunRow]] = defaultdict(list)
     wanted = set(ids)
-    for r in s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(ACTIVE_RUNS))):
+    for r in s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(ACTIVE_RUN_STATES))):
         if r.workload_id in wanted:
             out[r.workload_id].append(r)
     return out

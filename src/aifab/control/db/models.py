@@ -91,6 +91,10 @@ class WorkloadRow(Base):
     updated_at: Mapped[float] = mapped_column(Float)
 
 
+# Task-run states in which the run holds (or is about to hold) its node's resources.
+ACTIVE_RUN_STATES = ("bound", "launching", "running", "evicting", "stopping")
+
+
 class TaskRunRow(Base):
     """One task of one attempt: the placement the scheduler decided, then what really ran.
 

@@ -9,10 +9,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aifab.backends.base import NodeInfo
-from aifab.control.db.models import NodeRow, TaskRunRow
+from aifab.control.db.models import ACTIVE_RUN_STATES, NodeRow, TaskRunRow
 from aifab.core.nodes import GpuDevice, Node
-
-ACTIVE = ("bound", "launching", "running", "evicting", "stopping")
 
 
 def sync_inventory(s: Session, backend: str, nodes: list[NodeInfo]) -> None:
@@ -63,7 +61,7 @@ def listing(s: Session) -> list[dict[str, Any]]:
             TaskRunRow.gpu_milli,
             TaskRunRow.cpu_milli,
             TaskRunRow.memory_mib,
-        ).where(TaskRunRow.state.in_(ACTIVE))
+        ).where(TaskRunRow.state.in_(ACTIVE_RUN_STATES))
     ):
         u = used.setdefault(node, [0.0, 0.0, 0.0])
         u[0] += milli * len(devices or []) / 1000

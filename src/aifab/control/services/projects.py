@@ -10,14 +10,13 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from aifab.control.db.models import QueueRow, StateRow, TaskRunRow, WorkloadRow
+from aifab.control.db.models import ACTIVE_RUN_STATES, QueueRow, StateRow, TaskRunRow, WorkloadRow
 from aifab.control.services.auth import Principal, require_admin
 from aifab.core.errors import ConflictError, NotFoundError, ValidationError
 from aifab.core.queues import Queue, QueueTree, ResourceQuota
 from aifab.core.resources import GPU_MILLI, ResourceKind
 
 NAME = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-ACTIVE_RUN_STATES = ("bound", "launching", "running", "evicting", "stopping")
 
 
 @dataclass(frozen=True)
