@@ -71,6 +71,15 @@ SECTIONS = [
         "submissions per second, the workload listing behind `aifab ps` with 10,000 queued, and one "
         "schedule pass with 10,000 queued.",
     ),
+    (
+        "Issue 4: aifab in front of Slurm and Ray",
+        "engines.md",
+        "`bench/engines.py`: the same trivial jobs (`true`, one CPU each) sent straight to the engine "
+        "and through aifab to the same engine, side by side in one run: `sbatch` per job against a "
+        "two-node test Slurm cluster (`scripts/slurm/cluster.sh`, 8 CPUs), and direct Ray tasks against "
+        "a three-node loopback Ray cluster (5 CPUs). Through aifab: an in-process server (SQLite, loops "
+        "in a thread) and the HTTP API. Target: aifab's end-to-end time within 10% of the engine alone.",
+    ),
 ]
 
 

@@ -92,7 +92,7 @@ def test_migrate_brings_an_empty_database_to_head(db_url: str) -> None:
     database = Database(db_url)
     try:
         assert database.current_revision() is None
-        assert database.migrate() == head_revision() == "0001_initial"
+        assert database.migrate() == head_revision() == "0002_project_policies"
         assert database.current_revision() == head_revision()
         assert _tables(database) == set(Base.metadata.tables)
     finally:

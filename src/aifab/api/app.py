@@ -6,18 +6,22 @@ has a stable code, and the body is ``{"error": code, "message": ..., "field": ..
 
 from __future__ import annotations
 
+import asyncio
+import email.message
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from aifab import __version__
 from aifab.api.schemas import LogChunk, NodeOut, ProjectIn, ProjectOut, UserIn, WorkloadDetail, WorkloadOut
+from aifab.api.submissions import Submissions
 from aifab.backends.base import Backend
 from aifab.control.db import Database
 from aifab.control.db.models import UserRow
@@ -69,11 +73,93 @@ Db = Annotated[Session, Depends(_session, scope="function")]
 
 
 def _principal(s: Db, authorization: Annotated[str | None, Header()] = None) -> auth.Principal:
-    token = authorization.removeprefix("Bearer ").strip() if authorization else None
-    return auth.authenticate(s, token)
+    return auth.authenticate(s, _token(authorization))
 
 
 Who = Annotated[auth.Principal, Depends(_principal)]
+
+
+def _token(authorization: str | None) -> str | None:
+    return authorization.removeprefix("Bearer ").strip() if authorization else None
+
+
+# The submission route reads its header and body itself (see ``submit``); its documentation is
+# what FastAPI generates for `authorization: Header()` and `body: dict[str, Any]` parameters.
+_SUBMIT_DOC: dict[str, Any] = {
+    "parameters": [
+        {
+            "in": "header",
+            "name": "authorization",
+            "required": False,
+            "schema": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "Authorization"},
+        }
+    ],
+    "requestBody": {
+        "content": {
+            "application/json": {"schema": {"additionalProperties": True, "title": "Body", "type": "object"}}
+        },
+        "required": True,
+    },
+    "responses": {
+        "422": {
+            "description": "Validation Error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/HTTPValidationError"}}},
+        }
+    },
+}
+_NO_BODY = object()
+
+
+async def _json_body(request: Request) -> Any:
+    """The request body as FastAPI parses it for a JSON body parameter: undecodable JSON is a 422
+    at once (before authentication), a body that is not JSON stays bytes (see :func:`_object`)."""
+    raw = await request.body()
+    if not raw:
+        return _NO_BODY
+    content_type = request.headers.get("content-type")
+    if not content_type:
+        return raw
+    if content_type != "application/json":
+        message = email.message.Message()
+        message["content-type"] = content_type
+        subtype = message.get_content_subtype()
+        if message.get_content_maintype() != "application" or not (
+            subtype == "json" or subtype.endswith("+json")
+        ):
+            return raw
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", e.pos),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": e.msg},
+                }
+            ],
+            body=e.doc,
+        ) from e
+    except Exception as e:
+        raise HTTPException(status_code=400, detail="There was an error parsing the body") from e
+
+
+def _object(body: Any) -> dict[str, Any]:
+    """A parsed body that must be a JSON object: the 422 that validating it as a dict gives."""
+    if isinstance(body, dict):
+        return body
+    if body is _NO_BODY:
+        error = {"type": "missing", "loc": ("body",), "msg": "Field required", "input": None}
+    else:
+        error = {
+            "type": "dict_type",
+            "loc": ("body",),
+            "msg": "Input should be a valid dictionary",
+            "input": body,
+        }
+    raise RequestValidationError([error])
 
 
 def create_app(ctx: ServerContext) -> FastAPI:
@@ -120,12 +206,21 @@ def create_app(ctx: ServerContext) -> FastAPI:
     def whoami(p: Who) -> dict[str, Any]:
         return {"name": p.name, "admin": p.admin, "roles": {k: v.value for k, v in p.roles.items()}}
 
-    @app.post("/v1/workloads", status_code=201)
-    def submit(body: dict[str, Any], s: Db, p: Who, request: Request) -> WorkloadOut:
-        row = workloads.submit(s, p, body, ctx.settings.checkpoints_dir, source=source(request))
-        s.flush()
-        ctx.controller.wake.set()
-        return WorkloadOut(**workloads.summary(row))
+    submissions = Submissions(
+        ctx.db, ctx.settings.checkpoints_dir, check=_object, on_stored=ctx.controller.wake.set
+    )
+
+    @app.post("/v1/workloads", status_code=201, response_model=WorkloadOut, openapi_extra=_SUBMIT_DOC)
+    async def submit(request: Request) -> Response:
+        # The busiest route. The body is parsed here; authentication, validation and the write
+        # happen on the submissions' writer thread, in a transaction shared with the submissions
+        # that arrive meanwhile (see aifab.api.submissions). Errors come in the order the other
+        # routes give them: undecodable JSON, authentication, a body that is not an object, the
+        # spec, the project, its limits.
+        body = await _json_body(request)
+        token = _token(request.headers.get("authorization"))
+        answer = await asyncio.wrap_future(submissions.submit(token, body, source(request)))
+        return Response(answer, status_code=201, media_type="application/json")
 
     @app.get("/v1/workloads", response_model=list[WorkloadOut])
     def list_workloads(
@@ -134,10 +229,10 @@ def create_app(ctx: ServerContext) -> FastAPI:
         project: str | None = None,
         phase: Annotated[list[str] | None, Query()] = None,
         limit: Annotated[int, Query(ge=1, le=100_000)] = 1000,
-    ) -> JSONResponse:
+    ) -> Response:
         # Rows are already in the documented shape: skipping per-row model validation keeps a
         # listing of 10,000 queued workloads fast (`aifab ps`).
-        return JSONResponse(workloads.listing(s, p, project, phase, limit))
+        return Response(workloads.listing_json(s, p, project, phase, limit), media_type="application/json")
 
     @app.get("/v1/workloads/{ref}")
     def describe(ref: str, s: Db, p: Who) -> WorkloadDetail:

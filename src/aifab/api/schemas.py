@@ -69,6 +69,12 @@ class ProjectIn(BaseModel):
     over_quota_weight: float = Field(1.0, ge=0, le=1_000_000)
     limit_gpus: float | None = Field(None, ge=0, le=1_000_000)
     priority: int = Field(0, ge=-1000, le=1000)
+    node_pool: str | None = Field(None, description="the pool its workloads run in unless they name one")
+    max_runtime: float | None = Field(None, gt=0, le=10**9, description="seconds; caps every workload")
+    min_runtime: float | None = Field(
+        None, ge=0, le=10**9, description="seconds guaranteed before preemption"
+    )
+    retries: int | None = Field(None, ge=0, le=1000, description="retries after a failure (at least)")
 
 
 class ProjectOut(BaseModel):
@@ -80,12 +86,17 @@ class ProjectOut(BaseModel):
     fair_share_gpus: float
     in_use_gpus: float
     pending: int
+    node_pool: str | None = None
+    max_runtime: float | None = None
+    min_runtime: float | None = None
+    retries: int | None = None
 
 
 class NodeOut(BaseModel):
     name: str
     pool: str
     backend: str
+    state: str = "ready"  # ready, gone, or unreachable: why (the pool's engine cannot be asked)
     schedulable: bool
     gpus: int
     gpu_model: str | None

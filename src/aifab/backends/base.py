@@ -35,6 +35,8 @@ class NodeInfo:
     labels: Mapping[str, str] = field(default_factory=dict)
     topology: Mapping[str, str] = field(default_factory=dict)
     virtual_gpus: bool = False  # declared, not detected (no CUDA device behind them)
+    # Where other nodes reach this one (a gang's torch.distributed master listens here).
+    address: str = "127.0.0.1"
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +57,14 @@ class LaunchRequest:
     devices: tuple[int, ...] = ()
     gpu_milli: int = 0
     log_path: str = ""
+    # What the task asked for besides GPUs (engines that allocate them themselves: Slurm).
+    cpu_milli: int = 0
+    memory_mib: int = 0
+    # For a gang: the node of every task, by task index, so that an engine that reserves a gang
+    # as a whole (Ray's placement groups) can do so when the first of its tasks launches.
+    gang_nodes: tuple[str, ...] = ()
+    # GPUs per task of the gang, by task index (whole devices; fractions count as one).
+    gang_gpus: tuple[int, ...] = ()
 
 
 class TaskState(StrEnum):
@@ -69,6 +79,9 @@ class TaskStatus:
     exit_code: int | None = None
     signal: int | None = None  # the signal that ended it, if any
     finished_at: float | None = None
+    # The GPU indices the engine really gave the task, when the engine picks them (Slurm):
+    # the control plane writes them back into its records.
+    devices: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +90,16 @@ class Capabilities:
     fractional_gpus: bool = True
     preemption: bool = True
     log_streaming: bool = True
+    # The engine, not aifab, picks which GPU indices of the chosen node a task gets (Slurm's
+    # GRES); aifab still picks the node and the count.
+    engine_assigns_devices: bool = False
 
 
 class Backend(Protocol):
     name: str
-    capabilities: Capabilities
+
+    @property
+    def capabilities(self) -> Capabilities: ...
 
     def inventory(self) -> list[NodeInfo]:
         """The nodes this backend executes on, right now."""
@@ -111,3 +129,8 @@ class Backend(Protocol):
 
 class BackendError(Exception):
     """The backend could not do what was asked (the control plane records it as an event)."""
+
+
+class EngineUnavailable(BackendError):
+    """The engine cannot be reached right now (controller down, connection refused). Transient:
+    the control plane keeps its state, reports it, and tries again on its next pass."""

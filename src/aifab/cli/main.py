@@ -1,22 +1,52 @@
-"""The ``aifab`` command line: a Typer app whose subcommands live in small modules."""
+"""The ``aifab`` command line: a Typer app whose subcommands live in small modules.
+
+``sim``, ``packing`` and ``demo`` import the simulator and the scheduler (numpy and more): they
+are loaded only when one of them runs or the command list is shown, so that the platform's
+client commands (``aifab ps``, ``aifab run``, ...) start quickly.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import importlib
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperGroup
 
 from aifab import __version__
-from aifab.cli.demo import demo_command
-from aifab.cli.packing import packing_command
 from aifab.cli.platform import register
-from aifab.cli.sim import sim_command
+
+# name -> (module, function); listed before the platform commands, or after them.
+_LAZY_FIRST = {"sim": ("aifab.cli.sim", "sim_command"), "packing": ("aifab.cli.packing", "packing_command")}
+_LAZY_LAST = {"demo": ("aifab.cli.demo", "demo_command")}
+
+
+class _Commands(TyperGroup):
+    """The app's commands, with the heavy ones loaded on first use."""
+
+    # (Typer's click types are private to it: the context and commands are typed Any here.)
+    def list_commands(self, ctx: Any) -> list[str]:
+        names = [n for n in super().list_commands(ctx) if n not in _LAZY_FIRST and n not in _LAZY_LAST]
+        groups = [n for n in names if isinstance(self.commands[n], TyperGroup)]  # listed last
+        plain = [n for n in names if n not in groups]
+        return [*_LAZY_FIRST, *plain, *_LAZY_LAST, *groups]
+
+    def get_command(self, ctx: Any, cmd_name: str) -> Any:
+        lazy = _LAZY_FIRST.get(cmd_name) or _LAZY_LAST.get(cmd_name)
+        if lazy is not None and cmd_name not in self.commands:
+            module, function = lazy
+            one = typer.Typer(add_completion=False)
+            one.command(cmd_name)(getattr(importlib.import_module(module), function))
+            self.add_command(typer.main.get_command(one), cmd_name)
+        return super().get_command(ctx, cmd_name)
+
 
 app = typer.Typer(
     name="aifab",
     help="aifab: pool every accelerator, schedule fairly, measure honestly.",
     no_args_is_help=True,
     add_completion=False,
+    cls=_Commands,
 )
 
 
@@ -35,10 +65,7 @@ def main(
     """aifab command line."""
 
 
-app.command("sim")(sim_command)
-app.command("packing")(packing_command)
 register(app)
-app.command("demo")(demo_command)
 
 if __name__ == "__main__":
     app()

@@ -9,24 +9,44 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
-import yaml
-from rich.console import Console
-from rich.table import Table
 
 from aifab.client.http import ApiError, Client
-from aifab.control.settings import DEFAULT_PORT, Settings
-from aifab.core.errors import AifabError
 
-console = Console()
-err = Console(stderr=True)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# Every command here but ``server`` is a thin client: it imports no more than it needs (rich,
+# yaml, the spec parser, the scheduler behind the server's settings are imported where used), so
+# that `aifab ps` starts in a fraction of a second.
+DEFAULT_PORT = 8470  # = aifab.control.settings.DEFAULT_PORT (a test keeps them equal)
+
+
+class _LazyConsole:
+    """A rich Console made on first use."""
+
+    def __init__(self, stderr: bool = False) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            self._console = Console(stderr=self._stderr)
+        return getattr(self._console, name)
+
+
+console = cast("Console", _LazyConsole())
+err = cast("Console", _LazyConsole(stderr=True))
 
 Output = Annotated[str, typer.Option("--output", "-o", help="table or json")]
 
@@ -60,18 +80,43 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
-def _emit(rows: list[dict[str, Any]], output: str, columns: list[tuple[str, str]]) -> None:
+def _emit(
+    rows: list[dict[str, Any]], output: str, columns: list[tuple[str, str]], plain: bool = False
+) -> None:
+    """Rows as JSON, or as a table: a rich one, or with ``plain`` (listings that may have
+    thousands of rows, like `aifab ps`) aligned columns as kubectl and squeue print them."""
     if output == "json":
         typer.echo(json.dumps(rows, indent=2))
         return
     if output != "table":
         raise _fail(f"--output must be table or json, got {output!r}")
+    cells = [["" if row.get(k) is None else str(row.get(k)) for k, _ in columns] for row in rows]
+    if plain:
+        _plain_table([title for _, title in columns], cells)
+        return
+    from rich.table import Table
+
     table = Table(show_edge=False)
     for _, title in columns:
         table.add_column(title)
-    for row in rows:
-        table.add_row(*("" if row.get(k) is None else str(row.get(k)) for k, _ in columns))
+    for line in cells:
+        table.add_row(*line)
     console.print(table)
+
+
+def _plain_table(titles: list[str], cells: list[list[str]]) -> None:
+    """Columns padded to their widest cell, three spaces apart. On a terminal the last column is
+    cut to its width (as ps(1) cuts COMMAND); piped, nothing is cut."""
+    widths = [max([len(t), *(len(c[i]) for c in cells)]) for i, t in enumerate(titles)]
+    room = None
+    if sys.stdout.isatty():
+        room = max(10, shutil.get_terminal_size().columns - sum(w + 3 for w in widths[:-1]))
+    out = []
+    for line in [titles, *cells]:
+        text = "   ".join(c.ljust(w) for c, w in zip(line[:-1], widths[:-1], strict=True))
+        last = line[-1] if room is None or len(line[-1]) <= room else line[-1][: room - 1] + "…"
+        out.append(f"{text}   {last}".rstrip())
+    sys.stdout.write("\n".join(out) + "\n")
 
 
 # ----- server and login ---------------------------------------------------------------------
@@ -86,6 +131,8 @@ def server_command(
 ) -> None:
     """Run the aifab control plane on this machine (store, scheduler loops, API)."""
     from aifab.control.server import serve
+    from aifab.control.settings import Settings
+    from aifab.core.errors import AifabError
 
     try:
         settings = Settings.load(
@@ -135,6 +182,7 @@ def apply_command(
 ) -> None:
     """Submit the workload described in a YAML file."""
     from aifab.control.spec import parse_spec
+    from aifab.core.errors import AifabError
 
     text = sys.stdin.read() if str(file) == "-" else _read(file)
     try:
@@ -170,6 +218,7 @@ def run_command(
 ) -> None:
     """Quick path: run a command as a job (`aifab run --gpus 0.5 -p vision -- python train.py`)."""
     from aifab.control.spec import quick_spec
+    from aifab.core.errors import AifabError
 
     default = "".join(ch if ch.isalnum() else "-" for ch in Path(command[0]).name.lower()).strip("-") or "job"
     try:
@@ -225,7 +274,7 @@ def ps_command(
     now = time.time()
     for r in rows:
         r["age"] = _age(now - r["submit_time"])
-    _emit(rows, output, PS_COLUMNS)
+    _emit(rows, output, PS_COLUMNS, plain=True)
 
 
 def _age(seconds: float) -> str:
@@ -240,6 +289,8 @@ def describe_command(
     ref: Annotated[str, typer.Argument(help="Workload id or name.")], output: Output = "table"
 ) -> None:
     """Spec, placements, attempts, events, lost work, and why it is pending."""
+    import yaml
+
     with _client() as c:
         d = c.describe(ref)
     if output == "json":

@@ -19,7 +19,6 @@ a node is never oversubscribed during a grace period.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections import defaultdict
@@ -31,31 +30,45 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
-from aifab.backends.base import Backend, BackendError, LaunchRequest, TaskState
+from aifab.backends.base import BackendError, EngineUnavailable, TaskState
+from aifab.backends.router import PoolRouter
 from aifab.control import spec as specs
 from aifab.control.db import Database
 from aifab.control.db.models import ACTIVE_RUN_STATES, NodeRow, QueueRow, TaskRunRow, WorkloadRow
+from aifab.control.dispatch import Dispatcher
 from aifab.control.services import nodes as node_service
-from aifab.control.services.projects import put_state, queue_tree
+from aifab.control.services.projects import Policies, put_state, queue_tree
+from aifab.control.services.projects import policies as project_policies
 from aifab.control.services.workloads import event, transition
 from aifab.control.settings import Settings
 from aifab.core.decisions import CycleResult
 from aifab.core.snapshot import ClusterSnapshot
-from aifab.core.workloads import TaskPlacement, Workload, WorkloadPhase
+from aifab.core.workloads import (
+    TaskPlacement,
+    TopologyConstraint,
+    TopologyMode,
+    Workload,
+    WorkloadPhase,
+)
 from aifab.scheduler import run_cycle
 
 FULL_PASS_EVERY = 10.0  # seconds: a pass runs at least this often (clock-driven changes: min runtime)
 LIVE_RUNS = ("running", "stopping")  # a process may exist
 PREEMPTING = "preempting"  # reason_code while an evicted workload's tasks stop
+NODE_LOST = "node_lost"  # reason_code while the rest of a gang with a lost task stops
 # Specs are loaded (and validated) once per workload and cached: decoding 10,000 JSON specs on
 # every pass was most of a pass.
 _NO_SPEC = defer(WorkloadRow.spec)
 
 
-class Controller:
-    def __init__(self, db: Database, backend: Backend, settings: Settings) -> None:
+class Controller(Dispatcher):
+    def __init__(self, db: Database, backend: PoolRouter, settings: Settings) -> None:
         self.db = db
         self.backend = backend
+        self._last_inventory = 0.0
+        self._live_runs = 0
+        self.pool_errors: dict[str, str] = {}
+        self._policies: dict[str, Policies] = {}
         self.settings = settings
         self.wake = threading.Event()
         self.last_result: CycleResult | None = None
@@ -67,23 +80,47 @@ class Controller:
 
     # ----- inventory -----------------------------------------------------------------------
     def sync_inventory(self) -> None:
+        """Ask every pool for its nodes. A pool that cannot answer keeps its rows (its tasks may
+        still run) but takes no new work until it answers again; the error is kept for
+        ``aifab nodes`` and printed once per change."""
         with self.db.session() as s:
-            node_service.sync_inventory(s, self.backend.name, self.backend.inventory())
+            for row in s.scalars(select(NodeRow)):
+                self.backend.remember_node(row.name, row.pool)
+        inventories = self.backend.inventories()
+        with self.db.session() as s:
+            errors = {}
+            for inv in inventories:
+                node_service.sync_inventory(s, inv)
+                if inv.error:
+                    errors[inv.pool] = inv.error
+            if errors != self.pool_errors:
+                for pool, why in errors.items():
+                    if self.pool_errors.get(pool) != why:
+                        print(f"aifab: pool {pool}: {why}", flush=True)
+                for pool in set(self.pool_errors) - set(errors):
+                    print(f"aifab: pool {pool} answers again", flush=True)
+                put_state(s, "pool_errors", errors)
+                self.pool_errors = errors
+        self._last_inventory = time.time()
 
     # ----- one pass of everything ----------------------------------------------------------
     def tick(self, now: float | None = None) -> None:
+        if time.time() - self._last_inventory >= self.settings.inventory_interval:
+            self.sync_inventory()
         self.reconcile_once()
         self.schedule_once(now)
         self.dispatch_once()
 
     def run(self, stop: threading.Event) -> None:
-        """Loop until ``stop``: at least every ``schedule_interval`` and whenever woken."""
+        """Loop until ``stop``: whenever woken, every ``busy_interval`` while tasks run (an exit
+        is noticed, and its room reused, that much sooner), else every ``schedule_interval``."""
         while not stop.is_set():
             try:
                 self.tick()
             except Exception as exc:  # a loop must survive one bad pass; the next one retries
                 print(f"aifab: control loop pass failed: {exc!r}", flush=True)
-            self.wake.wait(self.settings.schedule_interval)
+            busy = self._live_runs > 0
+            self.wake.wait(self.settings.busy_interval if busy else self.settings.schedule_interval)
             self.wake.clear()
 
     # ----- schedule ------------------------------------------------------------------------
@@ -116,6 +153,7 @@ class Controller:
             if not any(r.phase == "pending" and not r.cancel_requested for r in rows):
                 return None
             runs = _active_runs(s, [r.id for r in rows])
+            self._policies = project_policies(s)
             workloads = [w for r in rows if (w := self._workload(r, runs.get(r.id, []), now)) is not None]
             snapshot = ClusterSnapshot(node_service.core_nodes(s), queue_tree(s), tuple(workloads), now)
             seen = {r.id: (r.phase, r.attempt, r.cancel_requested) for r in rows}
@@ -149,7 +187,8 @@ class Controller:
     def _workload(self, row: WorkloadRow, runs: list[TaskRunRow], now: float) -> Workload | None:
         base = self._base.get(row.id)
         if base is None:  # immutable like the spec it comes from: built once per workload
-            base = self._base[row.id] = self._spec(row).to_workload(row.id, row.submit_time)
+            base = self._for_pools(self._spec(row).to_workload(row.id, row.submit_time))
+            self._base[row.id] = base
             if len(self._base) > 200_000:
                 self._base.clear()
         if row.phase == "pending":
@@ -168,6 +207,22 @@ class Controller:
             start_time=row.start_time or now,
             last_checkpoint_time=row.last_checkpoint_time,
         )
+
+    def _for_pools(self, w: Workload) -> Workload:
+        """What pools and project policies add to a workload: the project's pool when the spec
+        names none, and its guaranteed runtime; a shared GPU only where the pool's engine can
+        share one; a gang inside one pool (its tasks must reach each other through one engine)."""
+        policy = self._policies.get(w.queue, Policies())
+        if w.node_pool is None and policy.node_pool is not None:
+            w = replace(w, node_pool=policy.node_pool)
+        if policy.min_runtime > w.min_runtime:
+            w = replace(w, min_runtime=policy.min_runtime)
+        if any(t.gpu.is_shared for t in w.tasks):
+            w = replace(w, node_selector={**w.node_selector, node_service.SHARING_LABEL: "true"})
+        loose = w.topology is None or w.topology.mode is TopologyMode.PREFERRED
+        if len(w.tasks) > 1 and len(self.backend.pools) > 1 and w.node_pool is None and loose:
+            w = replace(w, topology=TopologyConstraint("pool", TopologyMode.REQUIRED))
+        return w
 
     def _persist(
         self,
@@ -225,142 +280,27 @@ class Controller:
                 waiting.reason_code, waiting.reason = reason.code.value, reason.message
         put_state(s, "fair_shares", {n: r.gpu for n, r in result.fair_shares.items()})
 
-    # ----- dispatch ------------------------------------------------------------------------
-    def dispatch_once(self) -> None:
-        self._stop_requested()
-        for run_id in self._claim_launches():
-            self._launch(run_id)
-
-    def _stop_requested(self) -> None:
-        with self.db.session() as s:
-            cancelling = select(WorkloadRow.id).where(WorkloadRow.cancel_requested.is_(True))
-            rows = s.scalars(
-                select(TaskRunRow).where(
-                    (TaskRunRow.state == "evicting")
-                    | (TaskRunRow.state.in_(("bound", "running")) & TaskRunRow.workload_id.in_(cancelling))
-                )
-            ).all()
-            for r in rows:
-                w = s.get(WorkloadRow, r.workload_id)
-                grace = (
-                    float(self._spec(w).checkpoint_grace) if w is not None else self.settings.default_grace
-                )
-                if r.handle:
-                    try:
-                        self.backend.stop(r.handle, grace)
-                    except BackendError as exc:
-                        event(s, r.workload_id, "error", f"stop task {r.task_index}: {exc}")
-                    r.state, r.stop_deadline = "stopping", time.time() + grace
-                else:  # never launched: nothing to stop
-                    r.state, r.finished_at = "exited", time.time()
-
-    def _claim_launches(self) -> list[int]:
-        """Bound runs whose room is free, marked ``launching`` (intent written before acting)."""
-        with self.db.session() as s:
-            bound = s.scalars(
-                select(TaskRunRow).where(TaskRunRow.state == "bound").order_by(TaskRunRow.id)
-            ).all()
-            if not bound:
-                return []
-            # What each device really holds: tasks launched or still inside a grace period. A
-            # bound task waits until its share fits, whatever the scheduler assumed (e.g. that
-            # its victims are already gone).
-            used: dict[tuple[str, int], int] = defaultdict(int)
-            holding = ("launching", "running", "evicting", "stopping")
-            for r in s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(holding))):
-                for d in r.devices:
-                    used[(r.node, int(d))] += r.gpu_milli
-            claimed = []
-            for r in bound:
-                if any(used[(r.node, int(d))] + r.gpu_milli > 1000 for d in r.devices):
-                    continue
-                for d in r.devices:
-                    used[(r.node, int(d))] += r.gpu_milli
-                r.state = "launching"
-                claimed.append(r.id)
-            return claimed
-
-    def _launch(self, run_id: int) -> None:
-        with self.db.session() as s:
-            r = s.get(TaskRunRow, run_id)
-            if r is None or r.state != "launching":
-                return
-            w = s.get(WorkloadRow, r.workload_id)
-            assert w is not None
-            spec = self._spec(w)
-            req = self._request(s, w, r, spec)
-        try:
-            handle = self.backend.launch(req)
-        except BackendError as exc:
-            handle, error = None, str(exc)
-        with self.db.session() as s:
-            r = s.get(TaskRunRow, run_id)
-            w = s.get(WorkloadRow, r.workload_id) if r is not None else None
-            if r is None or w is None:
-                return
-            now = time.time()
-            if handle is None:
-                r.state, r.exit_code, r.finished_at = "exited", 127, now
-                event(s, w.id, "error", f"task {r.task_index} could not start: {error}", now)
-                return
-            kept = {k: v for k, v in (r.handle or {}).items() if k == "master_port"}  # the gang's rendezvous
-            r.handle, r.state, r.started_at, r.log_path = {**handle, **kept}, "running", now, req.log_path
-            event(s, w.id, "launched", f"task {r.task_index} started on {r.node}", now)
-            siblings = s.scalars(
-                select(TaskRunRow).where(TaskRunRow.workload_id == w.id, TaskRunRow.attempt == w.attempt)
-            ).all()
-            if w.phase == "scheduled" and all(x.state == "running" for x in siblings):
-                w.start_time = now
-                transition(s, w, "running", f"attempt {w.attempt}: all {len(siblings)} task(s) running", now)
-
-    def _request(self, s: Session, w: WorkloadRow, r: TaskRunRow, spec: specs.JobSpec) -> LaunchRequest:
-        from aifab.backends.local.executor import task_env
-
-        siblings = s.scalars(
-            select(TaskRunRow).where(TaskRunRow.workload_id == w.id, TaskRunRow.attempt == w.attempt)
-        ).all()
-        world: dict[str, str | int] | None = None
-        if len(siblings) > 1:
-            port = _gang_port(s, w, siblings)
-            ranks = sorted(x.task_index for x in siblings)
-            on_node = [x.task_index for x in siblings if x.node == r.node]
-            world = {
-                "master_addr": "127.0.0.1",
-                "master_port": port,
-                "world_size": len(siblings),
-                "rank": ranks.index(r.task_index),
-                "local_rank": sorted(on_node).index(r.task_index),
-                "local_world_size": len(on_node),
-            }
-        Path(w.checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        env = {
-            **{str(k): str(v) for k, v in spec.env.items()},
-            **task_env(
-                w.id, w.attempt, w.checkpoint_dir, tuple(r.devices), r.gpu_milli, r.gpu_memory_mib, world
-            ),
-        }
-        log = self.settings.runs_dir / w.id / str(w.attempt) / f"task-{r.task_index}.log"
-        return LaunchRequest(
-            workload_id=w.id,
-            attempt=w.attempt,
-            task_index=r.task_index,
-            node=r.node,
-            command=list(spec.command),
-            workdir=spec.workdir,
-            env=env,
-            devices=tuple(int(d) for d in r.devices),
-            gpu_milli=r.gpu_milli,
-            log_path=str(log),
-        )
-
     # ----- reconcile -----------------------------------------------------------------------
     def reconcile_once(self) -> None:
         self.backend.kill_overdue()
         with self.db.session() as s:
             live = s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(LIVE_RUNS))).all()
+            self._live_runs = len(live)
             touched: set[str] = set()
             for r in live:
-                st = self.backend.status(r.handle)
+                try:
+                    st = self.backend.status(r.handle)
+                except EngineUnavailable:
+                    continue  # its engine is away: the task may well still run; ask again later
+                except BackendError as exc:
+                    # The engine cannot tell (a handle it does not understand): nothing will
+                    # ever say more, so the task counts as lost and its workload runs again.
+                    event(s, r.workload_id, "error", f"task {r.task_index}: {exc}")
+                    r.state, r.finished_at = "lost", time.time()
+                    touched.add(r.workload_id)
+                    continue
+                if st.devices is not None and list(st.devices) != list(r.devices):
+                    r.devices = list(st.devices)  # the engine picked them (Slurm's GRES)
                 if st.state is TaskState.RUNNING:
                     continue
                 r.exit_code = st.exit_code if st.state is TaskState.EXITED else None
@@ -387,7 +327,7 @@ class Controller:
                     saved = None
                 if saved is not None and (w.last_checkpoint_time or 0) < saved:
                     w.last_checkpoint_time = saved
-            limit = self._spec(w).max_runtime
+            limit = self._policy(s, w.project).runtime_cap(self._spec(w).max_runtime)
             if limit and w.start_time and now - w.start_time > limit and w.reason_code != "max_runtime":
                 w.reason_code, w.reason = "max_runtime", f"ran longer than its max runtime of {limit:.0f} s"
                 self._stop_attempt(s, w)
@@ -408,23 +348,31 @@ class Controller:
             return
         ended = [r for r in runs if r.state in ("exited", "lost")]
         if len(ended) < len(runs):
-            failed = [r for r in ended if r.exit_code != 0]
-            if (
-                failed
-                and w.reason_code not in (PREEMPTING, "gang_failed", "max_runtime")
-                and not w.cancel_requested
-            ):
+            if w.cancel_requested or w.reason_code in (PREEMPTING, "gang_failed", "max_runtime", NODE_LOST):
+                return  # already being stopped
+            lost = [r for r in ended if r.state == "lost"]
+            failed = [r for r in ended if r.state == "exited" and r.exit_code != 0]
+            if lost:
+                # Not the workload's fault: stop the rest of the gang and run it again whole.
+                w.reason_code, w.reason = (
+                    NODE_LOST,
+                    f"task {lost[0].task_index} was lost with node {lost[0].node}; stopping the gang",
+                )
+            elif failed:
                 # One member of a gang died: tear the rest down, then retry or fail it as a whole.
                 w.reason_code, w.reason = (
                     "gang_failed",
                     f"task {failed[0].task_index} failed; stopping the gang",
                 )
-                self._stop_attempt(s, w)
-                event(s, w.id, "stop", w.reason)
+            else:
+                return
+            self._stop_attempt(s, w)
+            event(s, w.id, "stop", w.reason)
             return
         now = time.time()
         spec = self._spec(w)
         gpus = sum(r.gpu_milli * len(r.devices) for r in runs) / 1000
+        self._release(runs)
         if w.cancel_requested:
             w.end_time = now
             transition(s, w, "cancelled", "cancelled; all tasks stopped", now)
@@ -433,6 +381,19 @@ class Controller:
             w.lost_gpu_seconds += max(0.0, now - since) * gpus
             transition(s, w, "preempted", w.reason or "preempted", now)
             self._requeue(s, w, now, "requeued after preemption; resumes from its checkpoint directory")
+        elif w.reason_code == NODE_LOST or (
+            any(r.state == "lost" for r in runs) and w.reason_code not in ("gang_failed", "max_runtime")
+        ):
+            gone = next((r for r in runs if r.state == "lost"), runs[0])
+            since = max(w.start_time or now, w.last_checkpoint_time or 0)
+            w.lost_gpu_seconds += max(0.0, now - since) * gpus
+            self._requeue(
+                s,
+                w,
+                now,
+                f"requeued: task {gone.task_index} was lost with node {gone.node} (its node or engine "
+                "went away); resumes from its checkpoint directory",
+            )
         elif all(r.exit_code == 0 for r in runs) and w.reason_code != "max_runtime":
             w.end_time, w.reason_code, w.reason = now, None, None
             transition(s, w, "succeeded", "all tasks exited with code 0", now)
@@ -441,11 +402,30 @@ class Controller:
             why = w.reason or ", ".join(
                 f"task {r.task_index} exit {r.exit_code}" for r in runs if r.exit_code != 0
             )
-            if w.failures <= int(spec.retries) and w.reason_code != "max_runtime":
-                self._requeue(s, w, now, f"failed ({why}); retry {w.failures} of {spec.retries}")
+            retries = max(int(spec.retries), self._policy(s, w.project).retries)
+            if w.failures <= retries and w.reason_code != "max_runtime":
+                self._requeue(s, w, now, f"failed ({why}); retry {w.failures} of {retries}")
             else:
                 w.end_time = now
                 transition(s, w, "failed", why or "failed", now)
+
+    def _release(self, runs: Sequence[TaskRunRow]) -> None:
+        """The attempt is over: engines that keep per-task state (Ray's actors and placement
+        groups) may forget it. Logs stay readable; a failed release is retried by nobody, so
+        it must not fail the attempt."""
+        for r in runs:
+            if r.handle:
+                try:
+                    self.backend.release(r.handle)
+                except BackendError:
+                    continue
+
+    def _policy(self, s: Session, project: str) -> Policies:
+        got = self._policies.get(project)
+        if got is None:
+            self._policies = project_policies(s)
+            got = self._policies.get(project, Policies())
+        return got
 
     def _requeue(self, s: Session, w: WorkloadRow, now: float, message: str) -> None:
         w.queued_at, w.start_time, w.reason_code, w.reason = now, None, None, None
@@ -470,16 +450,3 @@ def _active_runs(s: Session, ids: Iterable[str]) -> dict[str, list[TaskRunRow]]:
         if r.workload_id in wanted:
             out[r.workload_id].append(r)
     return out
-
-
-def _gang_port(s: Session, w: WorkloadRow, siblings: Sequence[TaskRunRow]) -> int:
-    """One rendezvous port per gang attempt, chosen once and kept on task 0's handle field."""
-    first = min(siblings, key=lambda x: x.task_index)
-    port = first.handle.get("master_port") if first.handle else None
-    if port is None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        if first.state == "launching" or first.state == "bound":
-            first.handle = {**(first.handle or {}), "master_port": port}
-    return int(port)

@@ -7,9 +7,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from aifab.backends.local import LocalBackend, detect_inventory
+from aifab.backends.router import PoolRouter
 from aifab.control.db import Database
 from aifab.control.loops import Controller
+from aifab.control.pools import build_backend
 from aifab.control.services import auth
 from aifab.control.settings import Settings
 
@@ -18,7 +19,7 @@ from aifab.control.settings import Settings
 class Server:
     settings: Settings
     db: Database
-    backend: LocalBackend
+    backend: PoolRouter
     controller: Controller
     admin_token: str | None  # set on the first start only
 
@@ -28,14 +29,17 @@ class Server:
 
 
 def build(settings: Settings) -> Server:
-    """Open (and migrate) the store, detect the node, create the first admin on first start."""
+    """Open (and migrate) the store, connect every pool's backend, take inventory, create the
+    first admin on first start. An engine that cannot be reached yet is reported and retried:
+    the server starts with the pools that answer."""
     settings.home.mkdir(parents=True, exist_ok=True)
     db = Database(settings.database_url)
     db.migrate()
-    node = detect_inventory(
-        gpus=settings.gpus, gpu_model=settings.gpu_model, gpu_memory_mib=settings.gpu_memory_mib
+    pools = settings.pools
+    backend = PoolRouter(
+        {name: build_backend(name, cfg, settings.home) for name, cfg in pools.items()},
+        kinds={name: cfg.backend for name, cfg in pools.items()},
     )
-    backend = LocalBackend(settings.home, node)
     controller = Controller(db, backend, settings)
     controller.sync_inventory()
     with db.session() as s:

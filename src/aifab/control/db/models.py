@@ -39,6 +39,11 @@ class QueueRow(Base):
     memory_limit: Mapped[int | None] = mapped_column(Integer, nullable=True)
     node_pool: Mapped[str | None] = mapped_column(String(63), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
+    # Run policies for the project's workloads (None: none): runtime cap (s), guaranteed runtime
+    # before preemption (s), retries after a failure.
+    max_runtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    min_runtime: Mapped[float | None] = mapped_column(Float, nullable=True)
+    retries: Mapped[int | None] = mapped_column(Integer, nullable=True)
 
 
 class NodeRow(Base):

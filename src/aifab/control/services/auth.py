@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from aifab.control.db.models import MembershipRow, TokenRow, UserRow
@@ -121,13 +121,37 @@ def principal_for(s: Session, user: str) -> Principal:
     return Principal(row.name, row.admin, roles)
 
 
+# Every API request authenticates: one statement (token, its user and the user's roles), built
+# once, and plain rows rather than ORM objects.
+_BY_TOKEN = (
+    select(
+        TokenRow.revoked,
+        TokenRow.user,
+        UserRow.name,
+        UserRow.admin,
+        MembershipRow.project,
+        MembershipRow.role,
+    )
+    .select_from(TokenRow)
+    .outerjoin(UserRow, UserRow.name == TokenRow.user)
+    .outerjoin(MembershipRow, MembershipRow.user == TokenRow.user)
+    .where(TokenRow.secret_hash == bindparam("secret_hash"))
+)
+
+
 def authenticate(s: Session, token: str | None) -> Principal:
+    """The principal a token stands for, read afresh on every call: a revoked token or a changed
+    role takes effect on the next request."""
     if not token:
         raise AuthenticationError("no API token: run `aifab login` or pass Authorization: Bearer <token>")
-    row = s.scalars(select(TokenRow).where(TokenRow.secret_hash == _hash(token))).first()
-    if row is None or row.revoked:
+    rows = s.connection().execute(_BY_TOKEN, {"secret_hash": _hash(token)}).all()
+    if not rows or rows[0].revoked:
         raise AuthenticationError("the API token is unknown or revoked")
-    return principal_for(s, row.user)
+    first = rows[0]
+    if first.name is None:
+        raise AuthenticationError("unknown user")
+    roles = {r.project: Role(r.role) for r in rows if r.project is not None}
+    return Principal(first.name, bool(first.admin), roles)
 
 
 def require(p: Principal, action: Action, project: str) -> None:

@@ -9,30 +9,56 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from aifab.backends.base import NodeInfo
-from aifab.control.db.models import ACTIVE_RUN_STATES, NodeRow, TaskRunRow
+from aifab.backends.router import PoolInventory
+from aifab.control.db.models import ACTIVE_RUN_STATES, NodeRow, StateRow, TaskRunRow
 from aifab.core.nodes import GpuDevice, Node
 
+ADDRESS_LABEL = "aifab.io/address"  # where a gang's torch.distributed master is reached
+SHARING_LABEL = "aifab.io/gpu-sharing"  # "true": the pool's engine can share one GPU between tasks
 
-def sync_inventory(s: Session, backend: str, nodes: list[NodeInfo]) -> None:
-    """Upsert what ``backend`` reports; its nodes it no longer reports become unschedulable."""
+
+def sync_inventory(s: Session, inv: PoolInventory, now: float | None = None) -> bool:
+    """Upsert what one pool reports. Nodes it no longer reports, and every node of a pool whose
+    engine cannot be reached, become unschedulable (their rows stay: their tasks may still run).
+    Rows are touched only when something changed, so an idle cluster's fingerprint is stable.
+    Returns whether anything changed."""
+    now = time.time() if now is None else now
     seen = set()
-    now = time.time()
-    for info in nodes:
+    changed = False
+    for info in inv.nodes:
         seen.add(info.name)
+        want = _row_values(inv, info)
         row = s.get(NodeRow, info.name)
-        gpus = [{"index": g.index, "model": g.model, "memory_mib": g.memory_mib} for g in info.gpus]
         if row is None:
-            row = NodeRow(
-                name=info.name, cpu_milli=info.cpu_milli, memory_mib=info.memory_mib, updated_at=now
-            )
+            row = NodeRow(name=info.name, updated_at=now, **want)
             s.add(row)
-        row.pool, row.backend = info.pool, backend
-        row.cpu_milli, row.memory_mib, row.gpus = info.cpu_milli, info.memory_mib, gpus
-        row.labels = {**info.labels, **({"aifab.io/virtual-gpus": "true"} if info.virtual_gpus else {})}
-        row.topology, row.schedulable, row.updated_at = dict(info.topology), True, now
-    for row in s.scalars(select(NodeRow).where(NodeRow.backend == backend)):
-        if row.name not in seen:
-            row.schedulable = False
+            changed = True
+        elif any(getattr(row, k) != v for k, v in want.items()):
+            for k, v in want.items():
+                setattr(row, k, v)
+            row.updated_at, changed = now, True
+    for row in s.scalars(select(NodeRow).where(NodeRow.pool == inv.pool)):
+        if row.name not in seen and row.schedulable:
+            row.schedulable, row.updated_at, changed = False, now, True
+    return changed
+
+
+def _row_values(inv: PoolInventory, info: NodeInfo) -> dict[str, Any]:
+    labels = {**info.labels, ADDRESS_LABEL: info.address}
+    if info.virtual_gpus:
+        labels["aifab.io/virtual-gpus"] = "true"
+    if inv.capabilities.fractional_gpus:
+        labels[SHARING_LABEL] = "true"
+    return {
+        "pool": inv.pool,
+        "backend": inv.kind,
+        "cpu_milli": info.cpu_milli,
+        "memory_mib": info.memory_mib,
+        "gpus": [{"index": g.index, "model": g.model, "memory_mib": g.memory_mib} for g in info.gpus],
+        "labels": labels,
+        "topology": {**info.topology, "pool": inv.pool},
+        "schedulable": True,
+    }
 
 
 def core_nodes(s: Session) -> tuple[Node, ...]:
@@ -67,6 +93,7 @@ def listing(s: Session) -> list[dict[str, Any]]:
         u[0] += milli * len(devices or []) / 1000
         u[1] += cpu / 1000
         u[2] += mem
+    unreachable = _pool_errors(s)
     out = []
     for r in s.scalars(select(NodeRow).order_by(NodeRow.name)):
         u = used.get(r.name, [0.0, 0.0, 0.0])
@@ -76,6 +103,7 @@ def listing(s: Session) -> list[dict[str, Any]]:
                 "pool": r.pool,
                 "backend": r.backend,
                 "schedulable": r.schedulable,
+                "state": _state(r, unreachable),
                 "gpus": len(r.gpus),
                 "gpu_model": r.gpus[0]["model"] if r.gpus else None,
                 "gpus_in_use": round(u[0], 3),
@@ -86,3 +114,14 @@ def listing(s: Session) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _pool_errors(s: Session) -> dict[str, str]:
+    row = s.get(StateRow, "pool_errors")
+    return dict(row.value) if row is not None else {}
+
+
+def _state(r: NodeRow, unreachable: dict[str, str]) -> str:
+    if r.pool in unreachable:
+        return f"unreachable: {unreachable[r.pool]}"
+    return "ready" if r.schedulable else "gone (no longer reported by its engine)"

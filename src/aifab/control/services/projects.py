@@ -27,6 +27,10 @@ class QueueSpec:
     over_quota_weight: float = 1.0
     limit_gpus: float | None = None
     priority: int = 0
+    node_pool: str | None = None  # its workloads run in this pool unless their spec names one
+    max_runtime: float | None = None  # seconds; caps every workload's runtime
+    min_runtime: float | None = None  # seconds of guaranteed runtime before preemption
+    retries: int | None = None  # retries after a failure, when the spec asks for fewer
 
 
 def create_queue(s: Session, p: Principal, spec: QueueSpec) -> QueueRow:
@@ -43,6 +47,7 @@ def create_queue(s: Session, p: Principal, spec: QueueSpec) -> QueueRow:
         raise ValidationError(
             f"limit {spec.limit_gpus} is below deserved {spec.deserved_gpus}", field="limit_gpus"
         )
+    _check_policies(spec)
     if spec.parent is not None and s.get(QueueRow, spec.parent) is None:
         raise NotFoundError(f"no department {spec.parent}", field="parent")
     row = QueueRow(
@@ -52,12 +57,58 @@ def create_queue(s: Session, p: Principal, spec: QueueSpec) -> QueueRow:
         gpu_deserved=round(spec.deserved_gpus * GPU_MILLI),
         gpu_weight=spec.over_quota_weight,
         gpu_limit=None if spec.limit_gpus is None else round(spec.limit_gpus * GPU_MILLI),
+        node_pool=spec.node_pool,
+        max_runtime=spec.max_runtime,
+        min_runtime=spec.min_runtime,
+        retries=spec.retries,
         created_at=time.time(),
     )
     s.add(row)
     s.flush()
     queue_tree(s)  # validates the whole tree (children's deserved within the parent's)
     return row
+
+
+def _check_policies(spec: QueueSpec) -> None:
+    if spec.node_pool is not None and not NAME.match(spec.node_pool):
+        raise ValidationError(f"{spec.node_pool!r} is not a pool name", field="node_pool")
+    if spec.max_runtime is not None and spec.max_runtime <= 0:
+        raise ValidationError(f"must be > 0 seconds, got {spec.max_runtime}", field="max_runtime")
+    if spec.min_runtime is not None and spec.min_runtime < 0:
+        raise ValidationError(f"must be >= 0 seconds, got {spec.min_runtime}", field="min_runtime")
+    if spec.max_runtime is not None and (spec.min_runtime or 0) > spec.max_runtime:
+        raise ValidationError(
+            f"the guaranteed runtime {spec.min_runtime} s exceeds max_runtime {spec.max_runtime} s",
+            field="min_runtime",
+        )
+    if spec.retries is not None and spec.retries < 0:
+        raise ValidationError(f"must be >= 0, got {spec.retries}", field="retries")
+
+
+@dataclass(frozen=True)
+class Policies:
+    """A project's run policies as the control loops apply them."""
+
+    node_pool: str | None = None
+    max_runtime: float | None = None
+    min_runtime: float = 0.0
+    retries: int = 0
+
+    def runtime_cap(self, spec_max: float | None) -> float | None:
+        caps = [c for c in (spec_max, self.max_runtime) if c]
+        return min(caps) if caps else None
+
+
+def policies(s: Session) -> dict[str, Policies]:
+    rows = s.execute(
+        select(
+            QueueRow.name, QueueRow.node_pool, QueueRow.max_runtime, QueueRow.min_runtime, QueueRow.retries
+        )
+    )
+    return {
+        name: Policies(pool, max_rt, min_rt or 0.0, retries or 0)
+        for name, pool, max_rt, min_rt, retries in rows
+    }
 
 
 def queue_tree(s: Session) -> QueueTree:
@@ -106,6 +157,10 @@ def overview(s: Session, p: Principal) -> list[dict[str, Any]]:
                 "fair_share_gpus": fair.get(r.name, 0) / GPU_MILLI,
                 "in_use_gpus": (in_use.get(r.name) or 0) / GPU_MILLI,
                 "pending": int(pending.get(r.name, 0)),
+                "node_pool": r.node_pool,
+                "max_runtime": r.max_runtime,
+                "min_runtime": r.min_runtime,
+                "retries": r.retries,
             }
         )
     return out

@@ -1,0 +1,236 @@
+"""aifab in front of an engine against the engine alone (issue #4, section 5), side by side in
+one run: N trivial jobs sent straight to Slurm (``sbatch``) and through aifab to the same Slurm
+cluster; N trivial Ray tasks and the same N jobs through aifab to the same Ray cluster.
+
+    .venv/bin/python bench/engines.py [--jobs 1000] [--engine slurm --engine ray]
+
+Each job runs ``true`` with one CPU. Reported per engine and path: the submission rate, and the
+time from the first submission until every job has finished (the end-to-end time aifab's
+overhead is judged on; target: within 10% of the engine alone).
+
+The clusters are the test clusters (``scripts/slurm/cluster.sh``: two nodes with 4 CPUs each;
+``tests/backends/ray_cluster.py``: a head with 1 CPU and two workers with 2 CPUs each), started
+and stopped here. Through aifab, the server runs in this process with its loops in a thread
+(as ``aifab server`` does) and jobs are submitted through the API; direct Ray tasks are
+submitted from the same process, direct ``sbatch`` calls one command per job, as a user's script
+would. Writes bench/results/engines.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._timing import machine
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_SH = ROOT / "scripts" / "slurm" / "cluster.sh"
+POLL_S = 0.1
+
+
+# ----------------------------------------------------------------------------------- aifab
+
+
+def _aifab_run(home: Path, config: str, jobs: int, memory: str | None) -> dict[str, float]:
+    """Submit ``jobs`` trivial jobs through the API of an in-process server and wait for all."""
+    from fastapi.testclient import TestClient
+    from sqlalchemy import func, select
+
+    from aifab.api.app import ServerContext, create_app
+    from aifab.control.db.models import WorkloadRow
+    from aifab.control.server import build
+    from aifab.control.settings import Settings
+
+    home.mkdir(parents=True)
+    (home / "config.yaml").write_text(config)
+    settings = Settings.load(env={}, home=home, config=str(home / "config.yaml"))
+    server = build(settings)
+    api = TestClient(create_app(ServerContext(settings, server.db, server.backend, server.controller)))
+    api.headers["Authorization"] = f"Bearer {server.admin_token}"
+    assert api.post("/v1/projects", json={"name": "bench"}).status_code == 201
+    stop = threading.Event()
+    loop = threading.Thread(target=server.controller.run, args=(stop,), daemon=True)
+    loop.start()
+    resources: dict[str, Any] = {"cpu": 1}
+    if memory:
+        resources["memory"] = memory
+    spec = {"kind": "job", "name": "t", "project": "bench", "command": ["true"], "resources": resources}
+    try:
+        t0 = time.perf_counter()
+        for _ in range(jobs):
+            r = api.post("/v1/workloads", json=spec)
+            assert r.status_code == 201, r.text
+        submitted = time.perf_counter() - t0
+        while True:
+            with server.db.read_session() as s:
+                done = s.scalar(
+                    select(func.count()).where(WorkloadRow.phase.in_(("succeeded", "failed", "cancelled")))
+                )
+                failed = s.scalar(select(func.count()).where(WorkloadRow.phase != "succeeded"))
+            if done == jobs:
+                break
+            time.sleep(POLL_S)
+        total = time.perf_counter() - t0
+    finally:
+        stop.set()
+        server.controller.wake.set()
+        loop.join(timeout=30)
+        server.db.dispose()
+    return {"submit_s": submitted, "total_s": total, "not_succeeded": float(failed or 0)}
+
+
+# ----------------------------------------------------------------------------------- Slurm
+
+
+def _script(*args: str) -> str:
+    done = subprocess.run(["bash", str(CLUSTER_SH), *args], capture_output=True, text=True, timeout=180)
+    if done.returncode != 0:
+        raise SystemExit(f"cluster.sh {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def _slurm_env(conf: Path) -> dict[str, str]:
+    return {"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "SLURM_CONF": str(conf)}
+
+
+def _slurm_direct(conf: Path, jobs: int, out_dir: Path) -> dict[str, float]:
+    env = _slurm_env(conf)
+    t0 = time.perf_counter()
+    for i in range(jobs):
+        subprocess.run(
+            ["sbatch", "--parsable", "--partition=gpu", "--cpus-per-task=1", "--mem=64M",
+             f"--output={out_dir}/direct-{i}.log", "--wrap", "true"],
+            env=env, check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    submitted = time.perf_counter() - t0
+    while subprocess.run(
+        ["squeue", "-h", "-o", "%i"], env=env, capture_output=True, text=True
+    ).stdout.strip():
+        time.sleep(POLL_S)
+    return {"submit_s": submitted, "total_s": time.perf_counter() - t0, "not_succeeded": 0.0}
+
+
+def bench_slurm(jobs: int, work: Path) -> dict[str, Any]:
+    _script("install")
+    root = Path(tempfile.mkdtemp(prefix="aifab-bslurm-", dir="/tmp"))  # short: slurmstepd sockets
+    _script("start", str(root))
+    conf = root / "etc" / "slurm.conf"
+    try:
+        out = work / "slurm-direct"
+        out.mkdir(parents=True)
+        direct = _slurm_direct(conf, jobs, out)
+        config = (
+            "pools:\n  slurm:\n    backend: slurm\n    partition: gpu\n"
+            f"    slurm_conf: {conf}\n    virtual_gpus: true\n    default_memory_mib: 64\n"
+        )
+        through = _aifab_run(work / "aifab-slurm", config, jobs, "64MiB")
+    finally:
+        _script("stop", str(root))
+        shutil.rmtree(root, ignore_errors=True)
+    return {"engine": "slurm", "direct": direct, "aifab": through}
+
+
+# ------------------------------------------------------------------------------------- Ray
+
+
+def bench_ray(jobs: int, work: Path) -> dict[str, Any]:
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    ray_tmp = tempfile.mkdtemp(prefix="aifab-bray-", dir="/tmp")
+    os.environ["RAY_TMPDIR"] = ray_tmp
+    import ray
+    import ray._private.ray_constants as ray_constants
+    from tests.backends.ray_cluster import LoopbackRay
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    cluster = LoopbackRay(work / "ray-shared")
+    (work / "ray-shared").mkdir(parents=True)
+    try:
+        cluster.start()
+        ray.init(address=cluster.address, namespace="bench-direct")
+
+        @ray.remote(num_cpus=1)
+        def trivial() -> int:
+            return subprocess.run(["true"], check=False).returncode
+
+        ray.get([trivial.remote() for _ in range(10)])  # warm the workers, as aifab's runs below are
+        t0 = time.perf_counter()
+        refs = [trivial.remote() for _ in range(jobs)]
+        submitted = time.perf_counter() - t0
+        codes = ray.get(refs)
+        direct = {
+            "submit_s": submitted,
+            "total_s": time.perf_counter() - t0,
+            "not_succeeded": float(sum(1 for c in codes if c != 0)),
+        }
+        config = f"pools:\n  ray:\n    backend: ray\n    address: {cluster.address}\n    namespace: bench\n"
+        through = _aifab_run(work / "aifab-ray", config, jobs, None)
+    finally:
+        cluster.stop()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    return {"engine": "ray", "direct": direct, "aifab": through}
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def _rows(results: list[dict[str, Any]], jobs: int) -> list[str]:
+    lines = [
+        "| engine | path | submissions/s | time until all done (s) | jobs/s end to end | aifab / engine alone | not succeeded |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        base = r["direct"]["total_s"]
+        for path in ("direct", "aifab"):
+            m = r[path]
+            label = f"{r['engine']} alone" if path == "direct" else f"aifab → {r['engine']}"
+            lines.append(
+                f"| {r['engine']} | {label} | {jobs / m['submit_s']:.0f} | {m['total_s']:.1f} | "
+                f"{jobs / m['total_s']:.1f} | {m['total_s'] / base:.2f} | {m['not_succeeded']:.0f} |"
+            )
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--jobs", type=int, default=1000)
+    ap.add_argument("--engine", action="append", choices=["slurm", "ray"])
+    args = ap.parse_args()
+    engines = args.engine or ["slurm", "ray"]
+    work = Path(tempfile.mkdtemp(prefix="aifab-bench-engines-"))
+    results = []
+    try:
+        for name in engines:
+            print(f"== {name}: {args.jobs} jobs alone, then through aifab", flush=True)
+            results.append((bench_slurm if name == "slurm" else bench_ray)(args.jobs, work))
+            print(json.dumps(results[-1], indent=1), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    RESULTS.mkdir(exist_ok=True)
+    command = "python bench/engines.py " + " ".join(sys.argv[1:])
+    payload = {
+        "machine": machine(),
+        "date": time.strftime("%Y-%m-%d"),
+        "command": command.strip(),
+        "jobs": args.jobs,
+        "results": results,
+    }
+    (RESULTS / "engines.json").write_text(json.dumps(payload, indent=2) + "\n")
+    md = [f"`{payload['command']}` — {payload['machine']}, {payload['date']}", "", *_rows(results, args.jobs)]
+    (RESULTS / "engines.md").write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
