@@ -128,6 +128,10 @@ def server_command(
     gpu_memory_mib: Annotated[int, typer.Option(help="Memory of each declared GPU.")] = 16384,
     host: Annotated[str | None, typer.Option(help="Address to listen on.")] = None,
     port: Annotated[int | None, typer.Option(help="Port to listen on.")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="Configuration file naming the node pools and their backends (docs/pools.md)."),
+    ] = None,
 ) -> None:
     """Run the aifab control plane on this machine (store, scheduler loops, API)."""
     from aifab.control.server import serve
@@ -141,6 +145,7 @@ def server_command(
             gpu_memory_mib=gpu_memory_mib,
             port=port,
             host=host,
+            config=config,
         )
     except AifabError as exc:
         raise _fail(str(exc)) from None
@@ -382,6 +387,7 @@ def nodes_command(output: Output = "table") -> None:
             ("name", "NODE"),
             ("pool", "POOL"),
             ("backend", "BACKEND"),
+            ("state", "STATE"),
             ("gpus", "GPUS"),
             ("gpu_model", "MODEL"),
             ("gpus_in_use", "GPUS IN USE"),
@@ -404,8 +410,22 @@ def admin_project(
     weight: Annotated[float, typer.Option(help="Over-quota weight.")] = 1.0,
     limit: Annotated[float | None, typer.Option(help="GPU limit.")] = None,
     priority: Annotated[int, typer.Option(help="Queue priority for idle GPUs.")] = 0,
+    node_pool: Annotated[
+        str | None, typer.Option(help="Pool its workloads run in unless their spec names one.")
+    ] = None,
+    max_runtime: Annotated[float | None, typer.Option(help="Seconds any of its workloads may run.")] = None,
+    min_runtime: Annotated[
+        float | None, typer.Option(help="Seconds a workload runs before it may be preempted.")
+    ] = None,
+    retries: Annotated[int | None, typer.Option(help="Retries a failed workload gets (at least).")] = None,
 ) -> None:
     """Create a project (or a department: a queue that gets projects under it)."""
+    policies = {
+        "node_pool": node_pool,
+        "max_runtime": max_runtime,
+        "min_runtime": min_runtime,
+        "retries": retries,
+    }
     with _client() as c:
         p = c.create_project(
             name=name,
@@ -414,6 +434,7 @@ def admin_project(
             over_quota_weight=weight,
             limit_gpus=limit,
             priority=priority,
+            **{k: v for k, v in policies.items() if v is not None},
         )
     console.print(f"created {p['name']} (deserved {p['deserved_gpus']} GPUs)")
 
