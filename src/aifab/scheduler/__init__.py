@@ -18,12 +18,17 @@ Decisions of one cycle are applied together, evictions first: a gang bound after
 the room its victims free. Plugins (queue/job/victim orders, node scorers) are named in the
 config and looked up in the registries below; a bad name is a ValidationError, a workload that
 cannot run never raises (it gets a PendingReason).
+
+A caller that runs cycle after cycle (the simulator) may pass a :class:`CycleMemo` it keeps:
+the cycle then updates what it derived from the previous snapshot instead of deriving it again
+(``memo``, ``pending``); the decisions are the same either way.
 """
 
 from aifab.scheduler.actions import ACTIONS
 from aifab.scheduler.config import Fairness, SchedulerConfig
 from aifab.scheduler.cycle import run_cycle
 from aifab.scheduler.fairshare import compute_fair_shares
+from aifab.scheduler.memo import CycleMemo
 from aifab.scheduler.plugins.nodescore import OURS as NODE_SCORERS
 from aifab.scheduler.plugins.nodescore import resolve_scorer
 from aifab.scheduler.plugins.orders import JOB_ORDERS, QUEUE_ORDERS, VICTIM_ORDERS
@@ -34,6 +39,7 @@ __all__ = [
     "NODE_SCORERS",
     "QUEUE_ORDERS",
     "VICTIM_ORDERS",
+    "CycleMemo",
     "Fairness",
     "SchedulerConfig",
     "compute_fair_shares",

@@ -67,6 +67,39 @@ def static_refusal(leaf: QueueState, req: Vec) -> Refusal | None:
     return None
 
 
+def quick_refusal(
+    gpu: int,
+    free: int,
+    biggest: int,
+    largest_block: int,
+    memo: Refusal | None,
+    words: dict[object, Refusal],
+) -> Refusal | None:
+    """O(1) answers for the common full-cluster case, then the per-shape memo of failures.
+
+    ``words`` caches the messages (thousands of jobs share a few: word them once)."""
+    if gpu > free:
+        key = ("capacity", gpu, free)
+        got = words.get(key)
+        if got is None:
+            where = "no GPU is free" if free <= 0 else f"only {gpus(free)} free"
+            got = words[key] = (
+                ReasonCode.INSUFFICIENT_CAPACITY,
+                f"needs {gpus(gpu)}; {where} in the cluster",
+            )
+        return got
+    if biggest > largest_block:
+        key = ("block", biggest, largest_block)
+        got = words.get(key)
+        if got is None:
+            got = words[key] = (
+                ReasonCode.FRAGMENTED,
+                f"needs {gpus(biggest * 1000)} on one node; the largest free block is {largest_block}",
+            )
+        return got
+    return memo
+
+
 def within_fair(leaf: QueueState, req: Vec) -> bool:
     return all(req[k] <= 0 or leaf.allocated[k] + req[k] <= leaf.fair[k] for k in range(3))
 

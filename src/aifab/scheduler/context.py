@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from aifab.core.decisions import ReasonCode
-from aifab.scheduler.config import Fairness, SchedulerConfig
+from aifab.scheduler.config import SchedulerConfig
+from aifab.scheduler.jobs import LeafJobs, PendingJob
 from aifab.scheduler.plugins.nodescore import resolve_scorer
 from aifab.scheduler.plugins.orders import job_order, queue_order, victim_order
-from aifab.scheduler.session import PendingJob, QueueState, Session
+from aifab.scheduler.session import QueueState, Session
 
 # Codes that mean "there was no room", the ones eviction-based actions may help with.
 CAPACITY_CODES = frozenset(
@@ -36,28 +37,22 @@ class Context:
         self.qkey = queue_order(config.queue_order)
         self.jkey = job_order(config.job_order)
         self.vkey = victim_order(config.victim_order)
-        for pj in sess.pending:
-            pj.order = self.jkey(pj.w)
-        sess.pending.sort(key=lambda pj: pj.order)
-        # Pending jobs per leaf queue in job order; fairness NONE is one global list.
-        self.by_leaf: dict[str, list[PendingJob]] = {}
-        for pj in sess.pending:
-            if pj.leaf is None or not pj.leaf.is_leaf:
-                pj.done = True
-                where = "not a leaf queue (only projects hold workloads)" if pj.leaf else "not known"
-                pj.reason = (ReasonCode.UNKNOWN_QUEUE, f"queue {pj.w.queue} is {where}")
-                continue
-            name = "" if config.fairness is Fairness.NONE else pj.leaf.name
-            self.by_leaf.setdefault(name, []).append(pj)
+        # Pending jobs per leaf queue in job order; fairness NONE is one global list "".
+        self.by_leaf: dict[str, LeafJobs] = sess.jobs.lists
+        orphans = sess.jobs.orphans
+        for i in range(orphans.n):
+            pj = orphans.job(i)
+            where = "not a leaf queue (only projects hold workloads)" if pj.leaf else "not known"
+            self.fail(pj, ReasonCode.UNKNOWN_QUEUE, f"queue {pj.w.queue} is {where}")
         self.leaves: list[QueueState] = [q for q in sess.queues.values() if q.is_leaf]
         # Per pending list: the smallest GPU request and the highest priority in it, so that an
         # action can pass over a whole queue none of whose jobs could gain from it (a backlog of
         # thousands would otherwise be walked job by job, every cycle).
         self.min_gpu: dict[str, int] = {}
         self.max_prio: dict[str, int] = {}
-        for name, jobs in self.by_leaf.items():
-            self.min_gpu[name] = min(pj.req[0] for pj in jobs)
-            self.max_prio[name] = max(pj.w.priority for pj in jobs)
+        for name, lj in self.by_leaf.items():
+            self.min_gpu[name] = lj.group.min_gpu
+            self.max_prio[name] = lj.group.max_prio
 
     def fail(self, pj: PendingJob, code: ReasonCode, message: str) -> None:
         pj.done = True

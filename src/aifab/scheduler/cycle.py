@@ -13,20 +13,30 @@ from aifab.scheduler.actions import Action, get_action
 from aifab.scheduler.config import SchedulerConfig
 from aifab.scheduler.context import Context
 from aifab.scheduler.explain import explain
-from aifab.scheduler.fairshare import compute_fair_shares, subtree_demand
+from aifab.scheduler.fairshare import fair_shares_and_demands
+from aifab.scheduler.jobs import PendingSet
+from aifab.scheduler.memo import CycleMemo
+from aifab.scheduler.plugins.orders import job_order
 from aifab.scheduler.session import Session, Vec, leaf_demand
+from aifab.scheduler.static import node_facts, tree_info
 
 
-def run_cycle(snapshot: ClusterSnapshot, config: SchedulerConfig | None = None) -> CycleResult:
+def run_cycle(
+    snapshot: ClusterSnapshot, config: SchedulerConfig | None = None, *, memo: CycleMemo | None = None
+) -> CycleResult:
     """Decide binds and evictions for this snapshot; explain every workload left pending.
 
     Evictions and binds of one cycle are meant to be applied together, evictions first: a
     workload bound after reclaim/preempt/consolidation uses the room its victims free.
+
+    ``memo``: a :class:`~aifab.scheduler.memo.CycleMemo` the caller keeps between cycles (e.g.
+    one per simulation); the cycle updates it from the snapshot instead of deriving everything
+    again. It changes the work, never the result.
     """
     config = config or SchedulerConfig()
     actions = [get_action(name) for name in config.actions]
     with _no_cyclic_gc():
-        return _run(snapshot, config, actions)
+        return _run(snapshot, config, actions, memo if memo is not None else CycleMemo())
 
 
 @contextmanager
@@ -43,19 +53,26 @@ def _no_cyclic_gc() -> Iterator[None]:
             gc.enable()
 
 
-def _run(snapshot: ClusterSnapshot, config: SchedulerConfig, actions: list[Action]) -> CycleResult:
-    sess = Session(snapshot, config)
-    fair, demand = _fair_shares(sess, snapshot, config)
+def _run(
+    snapshot: ClusterSnapshot, config: SchedulerConfig, actions: list[Action], memo: CycleMemo
+) -> CycleResult:
+    facts = node_facts(snapshot.nodes)
+    tinfo = tree_info(snapshot.queues)
+    base, index, unique = memo.refresh(snapshot, config, job_order(config.job_order), facts, tinfo)
+    sess = Session(snapshot, config, base, unique)
+    sess.jobs = PendingSet(index, sess.queues)
+    sess.view_slot = memo.view
+    fair, demand = _fair_shares(sess, snapshot, config, memo)
     ctx = Context(sess, config)
     for action in actions:
         action(ctx)
-    pending = explain(ctx)
+    pending = explain(ctx, unique)
     stats = {
         "binds": float(len(sess.binds)),
         "evictions": float(len(sess.evictions)),
         "pending": float(len(pending)),
-        "bound_workloads": float(sum(1 for pj in sess.pending if pj.bound)),
-        "running": float(len(sess.running)),
+        "bound_workloads": float(sess.jobs.bound_count()),
+        "running": float(sess.running_count),
     }
     return CycleResult(
         binds=tuple(sess.binds),
@@ -68,21 +85,34 @@ def _run(snapshot: ClusterSnapshot, config: SchedulerConfig, actions: list[Actio
 
 
 def _fair_shares(
-    sess: Session, snapshot: ClusterSnapshot, config: SchedulerConfig
+    sess: Session, snapshot: ClusterSnapshot, config: SchedulerConfig, memo: CycleMemo
 ) -> tuple[dict[str, Vec], dict[str, Vec]]:
-    """(fair share, demand) of every queue."""
+    """(fair share, demand) of every queue; a pure function of its inputs, so the memo keeps
+    the last few answers by their inputs (the tree by identity: it is immutable, and the memo
+    holds it)."""
     history: dict[str, Vec] | None = None
     if config.time_fairness_half_life is not None and snapshot.usage_history:
         history = {n: (r.gpu, r.cpu, r.memory) for n, r in snapshot.usage_history.items()}
     demand = leaf_demand(sess)
-    fair = compute_fair_shares(
-        snapshot.queues,
+    key = (
         sess.capacity,
-        demand,
+        tuple(demand.items()),
         config.fairness,
-        history,
+        None if history is None else tuple(history.items()),
         config.fair_share_quantum,
     )
-    for name, v in fair.items():
+    got = memo.fair_shares(snapshot.queues, key)
+    if got is None:
+        got = fair_shares_and_demands(
+            snapshot.queues,
+            sess.capacity,
+            demand,
+            config.fairness,
+            history,
+            config.fair_share_quantum,
+            memo.fair_columns(snapshot.queues),
+        )
+        memo.keep_fair_shares(snapshot.queues, key, got)
+    for name, v in got[0].items():
         sess.queues[name].fair = v
-    return fair, subtree_demand(snapshot.queues, demand)
+    return got

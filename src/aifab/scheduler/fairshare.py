@@ -44,16 +44,59 @@ def compute_fair_shares(
     ``history`` (decayed past usage per leaf) lowers a queue's over-quota weight to
     ``weight / (1 + past_usage / capacity)`` so a queue that used a lot recently borrows less.
     """
+    return fair_shares_and_demands(tree, capacity, demand, fairness, history, gpu_quantum)[0]
+
+
+Columns = dict[tuple[object, ...], dict[str, int]]
+
+
+def fair_shares_and_demands(
+    tree: QueueTree,
+    capacity: Vec,
+    demand: Mapping[str, Vec],
+    fairness: Fairness,
+    history: Mapping[str, Vec] | None = None,
+    gpu_quantum: int = 1,
+    columns: Columns | None = None,
+) -> tuple[dict[str, Vec], dict[str, Vec]]:
+    """(:func:`compute_fair_shares`, :func:`subtree_demand`) in one pass.
+
+    Each resource is split on its own, from that resource's numbers only; ``columns`` (kept by
+    the caller for one tree) remembers each resource's split by those numbers, so a cycle in
+    which only the GPU demand moved splits only GPUs again."""
     info = tree_info(tree)
     full = _subtree_demand(info, demand)
     if fairness is Fairness.NONE:
-        return full  # one global pool: every queue may have what it asks for
+        return full, dict(full)  # one global pool: every queue may have what it asks for
     hist = _subtree_demand(info, history) if history else {}
-    out: dict[str, list[int]] = {name: [0, 0, 0] for name in info.by_name}
+    names = list(info.by_name)
+    out: dict[str, list[int]] = {name: [0, 0, 0] for name in names}
     for k in range(3):
         unit = max(1, gpu_quantum) if k == 0 else 1
-        _split_level(info, info.roots, capacity[k], k, full, hist, capacity[k], fairness, out, unit)
-    return {name: (v[0], v[1], v[2]) for name, v in sorted(out.items())}
+        key: tuple[object, ...] | None = None
+        if columns is not None:
+            key = (
+                k,
+                capacity[k],
+                unit,
+                fairness,
+                tuple(full[n][k] for n in names),
+                tuple(hist.get(n, ZERO)[k] for n in names) if hist else None,
+            )
+            got = columns.get(key)
+            if got is not None:
+                for n, share in got.items():
+                    out[n][k] = share
+                continue
+        col: dict[str, list[int]] = {name: [0, 0, 0] for name in names}
+        _split_level(info, info.roots, capacity[k], k, full, hist, capacity[k], fairness, col, unit)
+        for n, vec in col.items():
+            out[n][k] = vec[k]
+        if columns is not None and key is not None:
+            if len(columns) >= 64:
+                columns.clear()
+            columns[key] = {n: v[k] for n, v in col.items()}
+    return {name: (v[0], v[1], v[2]) for name, v in sorted(out.items())}, full
 
 
 def subtree_demand(tree: QueueTree, leaf_demand: Mapping[str, Vec]) -> dict[str, Vec]:

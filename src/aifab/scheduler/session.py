@@ -10,15 +10,20 @@ hot and tuples are several times cheaper than dataclasses.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 from aifab.core.decisions import Bind, Evict, EvictionCause, ReasonCode
 from aifab.core.nodes import NodeState
 from aifab.core.queues import Queue
 from aifab.core.resources import GPU_MILLI
 from aifab.core.snapshot import ClusterSnapshot
-from aifab.core.workloads import GpuRequestKind, TaskRequest, Workload
+from aifab.core.workloads import GpuRequestKind, TaskRequest, Workload, WorkloadPhase
 from aifab.scheduler.config import SchedulerConfig
 from aifab.scheduler.static import QueueInfo, node_facts, tree_info
+
+if TYPE_CHECKING:
+    from aifab.scheduler.jobs import PendingSet
+    from aifab.scheduler.memo import RunningBase
 
 Vec = tuple[int, int, int]
 ZERO3: Vec = (0, 0, 0)
@@ -91,109 +96,10 @@ class QueueState:
         return "project" if self.is_leaf else "department"
 
 
-# What a pending workload's tasks flatten to, kept from one cycle to the next: a workload waits
-# through thousands of cycles unchanged (workloads are immutable; a changed one is a new object).
-# Keyed by identity, each entry holding its workload, so the result never depends on the cache.
-_KNOWN_PENDING: dict[int, tuple[Workload, int, tuple[list[TaskSpec], Vec, object, int]]] = {}
-_KNOWN_PENDING_MAX = 200_000
-
-
-class PendingJob:
-    """A pending workload plus what the cycle learned about it."""
-
-    __slots__ = (
-        "_shape",
-        "_tasks_key",
-        "biggest",
-        "bound",
-        "done",
-        "leaf",
-        "order",
-        "reason",
-        "req",
-        "specs",
-        "w",
-    )
-
-    def __init__(
-        self,
-        w: Workload,
-        leaf: QueueState | None,
-        cache: dict[object, tuple[list[TaskSpec], Vec, object, int]],
-        device_memory_hint: int = 0,
-    ) -> None:
-        self.w = w
-        self.leaf = leaf
-        known = _KNOWN_PENDING.get(id(w))
-        if known is not None and known[0] is w and known[1] == device_memory_hint:
-            self.specs, self.req, tasks_key, self.biggest = known[2]
-        else:
-            got = self._static(w, cache, device_memory_hint)
-            self.specs, self.req, tasks_key, self.biggest = got
-            if len(_KNOWN_PENDING) >= _KNOWN_PENDING_MAX:
-                _KNOWN_PENDING.clear()
-            _KNOWN_PENDING[id(w)] = (w, device_memory_hint, got)
-        self._shape: object = None
-        self._tasks_key = tasks_key
-        self.order: tuple[object, ...] = ()
-        self.bound = False
-        self.done = False  # nothing more to try for it this pass
-        self.reason: tuple[ReasonCode, str] | None = None  # made a PendingReason once, at the end
-
-    @staticmethod
-    def _static(
-        w: Workload, cache: dict[object, tuple[list[TaskSpec], Vec, object, int]], device_memory_hint: int
-    ) -> tuple[list[TaskSpec], Vec, object, int]:
-        tasks = w.tasks
-        gang_size = w.min_available or len(tasks)
-        t = tasks[0]
-        if len(tasks) == 1 or all(x is t for x in tasks):
-            # Plain attributes hash in C; dataclass __hash__/__eq__ would run Python code.
-            g = t.gpu
-            key: object = (
-                g.kind,
-                g.count,
-                g.milli,
-                g.memory_mib,
-                t.cpu_milli,
-                t.memory_mib,
-                len(tasks),
-                gang_size,
-            )
-        else:
-            key = (tasks, gang_size)
-        got = cache.get(key)  # most pending workloads share a few task shapes
-        if got is None:
-            specs = [TaskSpec(t, device_memory_hint) for t in w.tasks]
-            gang = specs[:gang_size]
-            req: Vec = (sum(s.gpu_need for s in gang), sum(s.cpu for s in gang), sum(s.memory for s in gang))
-            biggest = max((s.count for s in specs if s.kind is GpuRequestKind.WHOLE), default=0)
-            got = (specs, req, tuple(s.key for s in specs), biggest)
-            cache[key] = got
-        return got
-
-    @property
-    def shape(self) -> object:
-        """What decides whether a placement can succeed (not the queue, not the id); made on
-        first use since most pending jobs are refused before placement is tried."""
-        if self._shape is None:
-            w = self.w
-            models, selector, topo = w.gpu_models, w.node_selector, w.topology
-            self._shape = (
-                self._tasks_key,
-                w.min_available or len(w.tasks),
-                w.node_pool,
-                tuple(sorted(models)) if models else (),
-                tuple(sorted(selector.items())) if selector else (),
-                None if topo is None else (topo.level, topo.mode.value),
-            )
-        return self._shape
-
-
 class RunJob:
     """A running workload as a possible victim or mover (places resolved on first use)."""
 
-    __slots__ = ("_index", "_places", "evicted", "gpus", "leaf", "lost", "vec", "w")
+    __slots__ = ("_index", "_places", "evicted", "gpus", "leaf", "lost", "order", "vec", "w")
 
     def __init__(
         self, w: Workload, leaf: QueueState | None, now: float, node_index: Mapping[str, int]
@@ -211,6 +117,7 @@ class RunJob:
         self.gpus = g / GPU_MILLI
         self.lost = w.work_since_checkpoint(now) * self.gpus
         self.evicted = False
+        self.order: tuple[object, ...] | None = None  # its job-order key, once asked for
         self._index = node_index
         self._places: list[Place] | None = None
 
@@ -228,23 +135,65 @@ class RunJob:
         return self._places
 
 
+def node_summary(ns: NodeState) -> tuple[int, int, int]:
+    """(free whole GPUs, free milli-GPU on all devices, most free milli on a partly used one)."""
+    fw = 0
+    free = 0
+    part = 0
+    for m in ns.gpu_free_milli:
+        if m == GPU_MILLI:
+            fw += 1
+        elif 0 < m < GPU_MILLI and part < m:
+            part = m
+        if m > 0:
+            free += m
+    return fw, free, part
+
+
+class ViewSlot:
+    """Where a placement plugin may keep its array view of the nodes from one cycle to the next
+    (inside a CycleMemo), with the node tuple it was built for. The plugin brings the view up to
+    date with the session's nodes before using it (every row that differs is re-copied and
+    marked changed), so the view is the one it would build, plus caches it may reuse."""
+
+    __slots__ = ("groups", "nodes", "owner", "rows", "view")
+
+    def __init__(self) -> None:
+        self.view: object = None
+        self.groups: object = None
+        self.nodes: object = None
+        self.owner = ""
+        # per row: (free cpu, free memory, free milli per device) as the view holds them
+        self.rows: list[tuple[int, int, list[int]]] | None = None
+
+
 class Session:
     """Node states, queue states and the decisions taken so far in this cycle."""
 
-    def __init__(self, snapshot: ClusterSnapshot, config: SchedulerConfig) -> None:
+    def __init__(
+        self, snapshot: ClusterSnapshot, config: SchedulerConfig, base: RunningBase, unique_ids: bool = False
+    ) -> None:
+        """``base`` holds the running workloads' usage (see :mod:`aifab.scheduler.memo`); the
+        pending ones are attached as ``jobs`` by the cycle. ``unique_ids``: no two workloads
+        of the snapshot share an id (then orders that end with the id do not depend on the
+        order the running workloads are listed in)."""
         self.snapshot = snapshot
         self.config = config
         self.now = snapshot.now
         facts = node_facts(snapshot.nodes)
         self.capacity: Vec = facts.capacity
-        self.nodes = [NodeState(n, i) for i, n in enumerate(snapshot.nodes)]
+        # The memo's node states, shared until changed (see _own).
+        self.nodes = list(base.states)
+        self._owned = bytearray(len(self.nodes))
         self.node_index = facts.index  # shared between cycles: read only
         self.max_gpus = facts.max_gpus
         self.max_device_memory = facts.max_device_memory
         self.queues: dict[str, QueueState] = {}
         tinfo = tree_info(snapshot.queues)
         for q in snapshot.queues:
-            self.queues[q.name] = QueueState(q, tinfo.by_name[q.name])
+            qs = self.queues[q.name] = QueueState(q, tinfo.by_name[q.name])
+            qs.allocated = list(base.alloc[q.name])
+            qs.np_allocated = list(base.np_alloc[q.name])
         for qs in self.queues.values():
             qs.ancestors = [self.queues[a] for a in tinfo.by_name[qs.name].ancestors]
             qs.limits = [
@@ -252,15 +201,18 @@ class Session:
             ]
         self.binds: list[Bind] = []
         self.evictions: list[Evict] = []
-        self.pending: list[PendingJob] = []
-        self.running: list[Workload] = []
-        self.running_by_queue: dict[str, list[Workload]] = {}
+        self.jobs: PendingSet  # the pending workloads, attached by the cycle
+        self.running_count = base.count
+        self._base_running = base.running if unique_ids else None
+        self._running: list[Workload] | None = None
+        self._running_by_queue: dict[str, list[Workload]] | None = None
         # queue -> priority -> GPU milli of preemptible running work: bounds what preemption
         # could free without building victims.
-        self.preemptible_gpu: dict[str, dict[int, int]] = {}
+        self.preemptible_gpu: dict[str, dict[int, int]] = {
+            q: dict(t) for q, t in base.preemptible_gpu.items()
+        }
         self._jobs: dict[str, RunJob] = {}
         self._by_node: dict[int, list[Workload]] | None = None
-        self._spec_cache: dict[object, tuple[list[TaskSpec], Vec, object, int]] = {}
         self.evicted_ids: set[str] = set()
         self.shape_failures: dict[object, tuple[ReasonCode, str]] = {}
         self.messages: dict[object, tuple[ReasonCode, str]] = {}
@@ -270,42 +222,31 @@ class Session:
         self.filters: dict[object, tuple[bytearray, list[int]]] = {}
         # Nodes changed by take/give since a placement plugin last synced its own view of them.
         self.touched: dict[int, None] = {}
-        self._apply_running(snapshot)
-        self._index_nodes()
+        self.view_slot: ViewSlot | None = None  # set by the cycle when the caller keeps a memo
+        self._index_nodes(base.summaries())
+
+    @property
+    def running(self) -> list[Workload]:
+        """Running workloads in snapshot order (made on first use)."""
+        if self._running is None:
+            self._running = [w for w in self.snapshot.workloads if w.phase is WorkloadPhase.RUNNING]
+        return self._running
+
+    @property
+    def running_by_queue(self) -> dict[str, list[Workload]]:
+        """Running workloads per queue, only queues that have some (made on first use)."""
+        if self._running_by_queue is None:
+            # Its users sort each list by a key that ends with the workload id: with unique ids
+            # any listing order gives the same lists, so the memo's may be used.
+            listed = self.running if self._base_running is None else self._base_running.values()
+            by_queue: dict[str, list[Workload]] = {}
+            for w in listed:
+                by_queue.setdefault(w.queue, []).append(w)
+            self._running_by_queue = by_queue
+        return self._running_by_queue
 
     # ----- construction -------------------------------------------------------------------
-    def _apply_running(self, snapshot: ClusterSnapshot) -> None:
-        nodes, index, queues = self.nodes, self.node_index, self.queues
-        for w in snapshot.workloads:
-            leaf = queues.get(w.queue)
-            if not w.is_running:
-                self.pending.append(PendingJob(w, leaf, self._spec_cache, self.max_device_memory))
-                continue
-            self.running.append(w)
-            self.running_by_queue.setdefault(w.queue, []).append(w)
-            g = c = m = 0
-            for p in w.placements:
-                task = w.tasks[p.task_index]
-                g += p.gpu_milli * len(p.devices)
-                c += task.cpu_milli
-                m += task.memory_mib
-                ni = index.get(p.node)
-                if ni is None:
-                    continue  # the node left the cluster; the usage still counts for quota
-                ns = nodes[ni]
-                # Direct updates: the snapshot is trusted and this loop is the hot path.
-                ns.free_cpu -= task.cpu_milli
-                ns.free_memory -= task.memory_mib
-                for d in p.devices:
-                    ns.gpu_free_milli[d] -= p.gpu_milli
-                    ns.gpu_free_memory[d] -= p.gpu_memory_mib
-            if leaf is not None:
-                self.charge(leaf, (g, c, m), not w.preemptible, 1)
-            if w.preemptible:
-                by_prio = self.preemptible_gpu.setdefault(w.queue, {})
-                by_prio[w.priority] = by_prio.get(w.priority, 0) + g
-
-    def _index_nodes(self) -> None:
+    def _index_nodes(self, summaries: list[tuple[int, int, int]]) -> None:
         # Free whole GPUs per node, schedulable nodes bucketed by that count (insertion-ordered
         # dicts, so iteration is deterministic), and the nodes with a partly used device: makes
         # "no node has 4 free GPUs" O(max GPUs per node) and bin-packing O(1) in the usual case.
@@ -318,14 +259,14 @@ class Session:
         self.partial_level = [0] * len(self.nodes)
         self.pbuckets: dict[int, dict[int, None]] = {}
         self.total_free_milli = 0
-        for i, ns in enumerate(self.nodes):
-            fw = sum(1 for m in ns.gpu_free_milli if m == GPU_MILLI)
+        for i, (fw, free, part) in enumerate(summaries):
             self.free_whole[i] = fw
-            if ns.node.schedulable:
+            if self.nodes[i].node.schedulable:
                 self.whole_hist[fw] += 1
                 self.buckets[fw][i] = None
-                self.total_free_milli += sum(m for m in ns.gpu_free_milli if m > 0)
-                self._set_partial(i, max((m for m in ns.gpu_free_milli if 0 < m < GPU_MILLI), default=0))
+                self.total_free_milli += free
+                if part:
+                    self._set_partial(i, part)
 
     # ----- queue accounting ---------------------------------------------------------------
     def charge(self, leaf: QueueState, vec: Vec, non_preemptible: bool, sign: int) -> None:
@@ -349,16 +290,24 @@ class Session:
         return self._largest
 
     # ----- node mutation (only through a Statement) ----------------------------------------
+    def _own(self, ni: int) -> NodeState:
+        """Node ``ni``, copied from the memo's on its first change this cycle (copy on write:
+        take and give are the only writers)."""
+        if not self._owned[ni]:
+            self.nodes[ni] = self.nodes[ni].copy()
+            self._owned[ni] = 1
+        return self.nodes[ni]
+
     def take(self, p: Place) -> None:
         ni, devices, milli, gmem, cpu, mem = p
-        ns = self.nodes[ni]
+        ns = self._own(ni)
         ns.allocate(devices, milli, gmem, cpu, mem)
         self.touched[ni] = None
         self._reindex(ni, -milli * len(devices))
 
     def give(self, p: Place) -> None:
         ni, devices, milli, gmem, cpu, mem = p
-        ns = self.nodes[ni]
+        ns = self._own(ni)
         # A running placement on a since-shrunk device may exceed capacity; clamp by releasing
         # through NodeState only when it is consistent (the common case).
         ns.release(devices, milli, gmem, cpu, mem)
@@ -534,14 +483,11 @@ class Statement:
 
 def leaf_demand(sess: Session) -> Mapping[str, Vec]:
     """Allocated + pending requests per leaf queue."""
-    out: dict[str, list[int]] = {}
+    sums = sess.jobs.index.sums
+    out: dict[str, Vec] = {}
     for name, qs in sess.queues.items():
         if qs.is_leaf:
-            out[name] = list(qs.allocated)
-    for pj in sess.pending:
-        if pj.leaf is not None and pj.leaf.is_leaf:
-            d = out[pj.leaf.name]
-            d[0] += pj.req[0]
-            d[1] += pj.req[1]
-            d[2] += pj.req[2]
-    return {n: (v[0], v[1], v[2]) for n, v in out.items()}
+            a = qs.allocated
+            p = sums.get(name)
+            out[name] = (a[0], a[1], a[2]) if p is None else (a[0] + p[0], a[1] + p[1], a[2] + p[2])
+    return out

@@ -15,37 +15,8 @@ evictions and then its binds exactly as decided; a bind that does not fit the si
 :class:`~aifab.core.nodes.NodeState` book-keeping (or lands on a down node, or binds a task
 twice) raises :class:`SimulationError`: that is a scheduler bug, never an outcome.
 
-A cycle is **skipped** (not run) when it cannot change anything:
-
-1. no workload is pending: nothing can be bound, and reclaim, preempt and consolidate only
-   ever act on behalf of a pending workload; or
-2. the previous cycle evicted nothing, nothing happened since it (no arrival, completion,
-   node change), and the policy does not depend on the clock (:func:`is_time_dependent`):
-   the scheduler is deterministic and its own binds were its answer to exactly this state
-   (it had already considered every pending job), so it would decide nothing new; or
-3. the cycle cannot evict (the config has no ``reclaim`` action nor preemption by job order,
-   and ``preempt`` is absent or no pending workload outranks a running preemptible one) and the free GPUs of all up nodes
-   together are fewer than the smallest pending gang needs: nothing can be bound, and
-   consolidation cannot create room that does not exist. This is what makes non-evicting
-   policies cheap on a saturated cluster: arrivals into a full cluster cost no cycle; or
-4. the cycle cannot evict (as in 3), only arrivals happened since the last cycle that ran
-   (no completion, eviction or node change released anything) and either none of the new
-   jobs fits in the free GPUs, or the policy is strict FIFO (no fairness, ``fifo`` order, no
-   backfill) and some job was already waiting: jobs that waited then did not fit in at least
-   the room there is now (arrivals add demand, never room, and with quotas fixed or absent
-   they cannot raise anyone's share), so only a new job could start, and under strict FIFO
-   a new job queues behind the old ones.
-
-5. the policy may evict (reclaim), but the previous cycle decided nothing at all, only
-   arrivals happened since (no completion, eviction or node change), and every new job is
-   *inert*: it needs more GPUs than are free (it cannot start and consolidation cannot help
-   it), it would not be within its project's fair share (so it cannot reclaim), it outranks no
-   running preemptible job (so it cannot preempt), and each queue on its path already asked for
-   more of every resource the job requests than its fair share: water-filling caps such a
-   queue by the level, not by its demand, so the new demand moves no fair share (a property
-   test checks this) and no other queue can reclaim anything new. The quiet cycle before was
-   the scheduler's answer to the same state without these jobs. On a saturated cluster with a
-   backlog this skips most arrival-triggered cycles of the quota-aware policies.
+A cycle is **skipped** (not run) when it provably cannot change anything: the rules and
+their book-keeping are in :mod:`aifab.sim.skip`.
 
 Clock-dependent policies (LAS, SRTF, time-based fairness) additionally get a cycle every
 ``cycle_period`` seconds while jobs wait. After a cycle that evicted something, another one
@@ -64,7 +35,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
@@ -75,8 +46,10 @@ from aifab.core.resources import GPU_MILLI, Resources
 from aifab.core.snapshot import ClusterSnapshot
 from aifab.core.workloads import GpuRequestKind, TaskPlacement, Workload, WorkloadPhase
 from aifab.scheduler.config import SchedulerConfig
-from aifab.sim.model import Scenario, SimJob
+from aifab.sim.model import Scenario
 from aifab.sim.outcome import JobRecord, SimOutcome, Timeline
+from aifab.sim.skip import SkipRules
+from aifab.sim.state import JobState, with_attained
 
 SchedulerFn = Callable[[ClusterSnapshot, SchedulerConfig], CycleResult]
 ProgressFn = Callable[[float], None]  # called with the simulated time now and then
@@ -90,10 +63,20 @@ class SimulationError(RuntimeError):
 
 
 def default_scheduler() -> SchedulerFn:
-    """The production scheduling cycle, imported late so the simulator loads without it."""
-    from aifab.scheduler import run_cycle
+    """The production scheduling cycle, imported late so the simulator loads without it.
 
-    fn: SchedulerFn = run_cycle
+    Each call gives a function with its own :class:`~aifab.scheduler.memo.CycleMemo`: the
+    cycle updates what it derived from the last snapshot instead of deriving it again (the
+    decisions are the same; see that module). One replay, one memo.
+    """
+    from aifab.scheduler import run_cycle
+    from aifab.scheduler.memo import CycleMemo
+
+    memo = CycleMemo()
+
+    def fn(snapshot: ClusterSnapshot, config: SchedulerConfig) -> CycleResult:
+        return run_cycle(snapshot, config, memo=memo)
+
     return fn
 
 
@@ -106,42 +89,7 @@ def is_time_dependent(config: SchedulerConfig) -> bool:
     return config.job_order in ("las", "srtf") or config.time_fairness_half_life is not None
 
 
-class _Job:
-    """Mutable per-job state; ``wl`` is the immutable Workload the scheduler sees."""
-
-    __slots__ = (
-        "epoch",
-        "gpus",
-        "idx",
-        "milli",
-        "needs_restore",
-        "pidx",
-        "queued_at",
-        "rec",
-        "remaining",
-        "resume",
-        "run_start",
-        "spec",
-        "wl",
-    )
-
-    def __init__(self, idx: int, spec: SimJob, pidx: int, rec: JobRecord) -> None:
-        self.idx = idx
-        self.spec = spec
-        self.wl = spec.workload
-        self.pidx = pidx
-        self.rec = rec
-        self.milli = spec.workload.gpu_milli_requested
-        self.gpus = self.milli / GPU_MILLI
-        self.remaining = spec.work
-        self.run_start = 0.0
-        self.resume = 0.0
-        self.epoch = 0
-        self.needs_restore = False
-        self.queued_at = spec.submit_time
-
-
-class Simulator:
+class Simulator(SkipRules):
     """One replay of a scenario under one scheduler configuration."""
 
     def __init__(
@@ -167,29 +115,9 @@ class Simulator:
         self.nodes_tuple = tuple(self.nodes)
         self.projects = scenario.queues.leaves()
         self.pindex = {p: i for i, p in enumerate(self.projects)}
-        self.active: dict[str, _Job] = {}  # arrival order: pending and running
+        self.active: dict[str, JobState] = {}  # arrival order: pending and running
+        self.wls: dict[str, Workload] = {}  # the same, each job's current workload
         self.pending: set[str] = set()
-        # For skip rule 3: free GPU milli on up nodes, pending gang sizes and priorities.
-        self.free_milli = sum(n.gpu_count for n in self.nodes) * GPU_MILLI
-        self.pending_milli: dict[int, int] = {}
-        self.pending_prio: dict[int, int] = {}
-        self.running_prio: dict[int, int] = {}  # preemptible running workloads only
-        self.can_reclaim = "reclaim" in config.actions
-        # For skip rule 5: the last cycle's fair shares and demands, whether it decided nothing,
-        # and whether every arrival since is inert. Each project's path to the root.
-        self.last_fair: Mapping[str, Resources] = {}
-        self.last_demand: Mapping[str, Resources] = {}
-        self.last_quiet = False
-        self.inert = True
-        self.paths = {p: [p, *scenario.queues.ancestors(p)] for p in scenario.queues.leaves()}
-        self.can_preempt = "preempt" in config.actions
-        self.strict_fifo = (
-            config.fairness.value == "none" and config.job_order == "fifo" and not config.backfill
-        )
-        # For skip rule 4: what happened since the last cycle that ran.
-        self.released = True
-        self.new_min_need = math.inf
-        self.waited = False
         self.running_on: list[set[str]] = [set() for _ in self.nodes]
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
@@ -200,12 +128,13 @@ class Simulator:
         self.time_dependent = is_time_dependent(config) or any(
             j.workload.min_runtime > 0 for j in scenario.jobs
         )
+        self._init_skip(config, scenario)
         self.usage: dict[str, float] = {}  # decayed GPU usage per project (time fairness)
         self.alloc_now = [0.0] * len(self.projects)
         self.usage_t = 0.0
         self.timeline = Timeline()
         self.records: list[JobRecord] = []
-        self.jobs: list[_Job] = []
+        self.jobs: list[JobState] = []
         self.intervals: list[tuple[int, float, float]] = []
         self.counters: dict[str, float] = {
             "events": 0,
@@ -225,7 +154,7 @@ class Simulator:
                 raise SimulationError(f"job {spec.id}: unknown project {spec.workload.queue!r}")
             rec = JobRecord(spec.id, spec.workload.queue, spec.gpus, spec.submit_time, spec.work)
             self.records.append(rec)
-            self.jobs.append(_Job(i, spec, self.pindex[spec.workload.queue], rec))
+            self.jobs.append(JobState(i, spec, self.pindex[spec.workload.queue], rec))
             self._push(spec.submit_time, ARRIVAL, i)
         if self.sim.failures is not None:
             for i in range(len(self.nodes)):
@@ -248,45 +177,6 @@ class Simulator:
             return
         self.cycle_at = t
         self._push(t, CYCLE, 0)
-
-    @staticmethod
-    def _count(counts: dict[int, int], key: int, delta: int) -> None:
-        n = counts.get(key, 0) + delta
-        if n:
-            counts[key] = n
-        else:
-            del counts[key]
-
-    def _set_pending(self, job: _Job, pending: bool) -> None:
-        d = 1 if pending else -1
-        wid = job.wl.id
-        if pending:
-            self.pending.add(wid)
-        else:
-            self.pending.discard(wid)
-        self._count(self.pending_milli, job.milli, d)
-        self._count(self.pending_prio, job.wl.priority, d)
-
-    def _set_running(self, job: _Job, running: bool) -> None:
-        if job.wl.preemptible:
-            self._count(self.running_prio, job.wl.priority, 1 if running else -1)
-
-    def _nothing_can_change(self) -> bool:
-        """Skip rules 3, 4 and 5 (see the module docstring)."""
-        if self.can_preempt and self.config.preempt_by_job_order:
-            # Preemption by job order (LAS, SRTF) can evict between equal priorities.
-            return False
-        if self.can_reclaim:
-            skip = self.last_quiet and not self.released and self.inert and not self.time_dependent
-            self.counters["cycles_skipped_inert"] += skip
-            return skip
-        if self.can_preempt and self.running_prio and max(self.pending_prio) > min(self.running_prio):
-            return False
-        if self.free_milli < min(self.pending_milli):
-            return True
-        if self.released:
-            return False
-        return self.new_min_need > self.free_milli or (self.strict_fifo and self.waited)
 
     def _decay_usage(self, now: float) -> None:
         """Fold the allocation held since the last update into the decayed averages."""
@@ -375,48 +265,20 @@ class Simulator:
 
     # -- events ---------------------------------------------------------------------------
 
-    def _is_inert(self, job: _Job) -> bool:
-        """Rule 5: this new job can change nothing the last (quiet) cycle decided."""
-        wl = job.wl
-        gang = wl.tasks[: wl.gang_size]
-        if not self.last_fair or any(t.gpu.kind is GpuRequestKind.MEMORY for t in gang):
-            return False
-        need = (
-            sum(t.gpu.milli_nominal() for t in gang),
-            sum(t.cpu_milli for t in gang),
-            sum(t.memory_mib for t in gang),
-        )
-        if need[0] <= 0 or need[0] <= self.free_milli:
-            return False  # it might start now
-        project = wl.queue
-        fair = self.last_fair.get(project)
-        if fair is None or round(self.alloc_now[job.pidx] * GPU_MILLI) + need[0] <= fair.gpu:
-            return False  # within its fair share: it might reclaim
-        if self.can_preempt and self.running_prio and wl.priority > min(self.running_prio):
-            return False  # it might preempt
-        for q in self.paths[project]:
-            f, d = self.last_fair.get(q), self.last_demand.get(q)
-            if f is None or d is None:
-                return False
-            for k, (fk, dk) in enumerate(((f.gpu, d.gpu), (f.cpu, d.cpu), (f.memory, d.memory))):
-                if need[k] > 0 and dk <= fk:
-                    return False  # more demand here could raise a fair share
-        return True
-
-    def _arrive(self, job: _Job) -> None:
-        if self.inert and self.can_reclaim:
-            self.inert = self._is_inert(job)
+    def _arrive(self, job: JobState) -> None:
+        self._note_arrival(job)
         self.active[job.wl.id] = job
+        self.wls[job.wl.id] = job.wl
         self._set_pending(job, True)
-        self.new_min_need = min(self.new_min_need, job.milli)
         job.queued_at = self.now
         self._record(job.pidx, 0.0, job.gpus)
         self.dirty = True
 
-    def _complete(self, job: _Job) -> None:
+    def _complete(self, job: JobState) -> None:
         self._release(job)
         self._set_running(job, False)
         del self.active[job.wl.id]
+        del self.wls[job.wl.id]
         job.rec.end = self.now
         job.remaining = 0.0
         self._record(job.pidx, -job.gpus, 0.0)
@@ -459,8 +321,7 @@ class Simulator:
         self.counters["cycles"] += 1
         self.last_cycle = now
         self.dirty = False
-        self.released = False
-        self.new_min_need = math.inf
+        self._note_cycle()
         snapshot = ClusterSnapshot(
             nodes=self.nodes_tuple,
             queues=self.scenario.queues,
@@ -484,14 +345,14 @@ class Simulator:
     def _workloads(self, now: float) -> tuple[Workload, ...]:
         """The active workloads; running ones refreshed only where the policy reads the clock."""
         if not self.time_dependent:
-            return tuple(j.wl for j in self.active.values())
+            return tuple(self.wls.values())
         out = []
         for j in self.active.values():
             wl = j.wl
             if wl.phase is WorkloadPhase.RUNNING:
                 ran = now - j.run_start
                 # Attained service grows while running; the stored value is as of run start.
-                wl = replace(wl, attained_gpu_seconds=wl.attained_gpu_seconds + ran * j.gpus)
+                wl = with_attained(wl, wl.attained_gpu_seconds + ran * j.gpus)
             out.append(wl)
         return tuple(out)
 
@@ -577,7 +438,7 @@ class Simulator:
         job.run_start = now
         job.resume = now + overhead
         job.epoch += 1
-        job.wl = replace(
+        job.wl = self.wls[wid] = replace(
             wl,
             phase=WorkloadPhase.RUNNING,
             placements=tuple(placements),
@@ -593,7 +454,7 @@ class Simulator:
         self._record(job.pidx, job.gpus, -job.gpus)
         self._push(job.resume + job.remaining, COMPLETION, job.idx, job.epoch)
 
-    def _release(self, job: _Job) -> None:
+    def _release(self, job: JobState) -> None:
         wid = job.wl.id
         for pl in job.wl.placements:
             ni = self.node_index[pl.node]
@@ -604,7 +465,7 @@ class Simulator:
             self.free_milli += pl.gpu_milli * len(pl.devices)
             self.running_on[ni].discard(wid)
 
-    def _evict(self, job: _Job, cause: str) -> None:
+    def _evict(self, job: JobState, cause: str) -> None:
         now = self.now
         self._release(job)
         self._set_running(job, False)
@@ -625,7 +486,7 @@ class Simulator:
             # Keep the SRTF oracle (expected - attained / GPUs) equal to the true remaining
             # time, now that part of the attained service was lost.
             expected = attained / max(1.0, job.gpus) + job.remaining + self.sim.restart_overhead
-        job.wl = replace(
+        job.wl = self.wls[job.wl.id] = replace(
             job.wl,
             phase=WorkloadPhase.PENDING,
             placements=(),

@@ -13,18 +13,29 @@ import heapq
 from collections.abc import Callable
 
 from aifab.core.decisions import ReasonCode
-from aifab.scheduler.checks import gpus, limit_refusal, non_preemptible_refusal, static_refusal, within_fair
+from aifab.scheduler import search
+from aifab.scheduler.checks import (
+    limit_refusal,
+    non_preemptible_refusal,
+    quick_refusal,
+    static_refusal,
+    within_fair,
+)
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import Context
+from aifab.scheduler.jobs import LeafJobs, PendingJob
 from aifab.scheduler.placer import diagnose, place_workload
-from aifab.scheduler.session import PendingJob, TaskSpec
+from aifab.scheduler.search import block_behind, next_to_try
+from aifab.scheduler.session import TaskSpec
 
 BOUND, OVER_FAIR, FAILED = 0, 1, 2
 
 
 def allocate(ctx: Context) -> None:
     if ctx.config.fairness is Fairness.NONE:
-        _run_queue(ctx, ctx.by_leaf.get("", []), 0, within=False)
+        jobs = ctx.by_leaf.get("")
+        if jobs is not None:
+            _run_queue(ctx, jobs, 0, within=False)
         return
     passes = (True, False) if ctx.config.fairness is Fairness.FAIR_SHARE else (False,)
     for within in passes:
@@ -43,7 +54,7 @@ def _round_robin(ctx: Context, within: bool) -> None:
             continue  # every job would wait for the borrowing pass; it tries them all
         nxt = _run_queue(ctx, jobs, start[name], within, stop_after_bind=True)
         start[name] = nxt
-        if nxt < len(jobs):
+        if nxt < jobs.n:
             heapq.heappush(heap, (ctx.qkey(sess.queues[name]), name))
 
 
@@ -54,38 +65,36 @@ def _over_fair_for_all(ctx: Context, name: str) -> bool:
     return least > 0 and leaf.allocated[0] + least > leaf.fair[0]
 
 
-def _run_queue(
-    ctx: Context, jobs: list[PendingJob], i: int, within: bool, stop_after_bind: bool = False
-) -> int:
-    """Try jobs from index ``i``; returns where to continue (len(jobs) when the queue is finished)."""
-    n = len(jobs)
+def _run_queue(ctx: Context, jobs: LeafJobs, i: int, within: bool, stop_after_bind: bool = False) -> int:
+    """Try jobs from index ``i``; returns where to continue (len(jobs) when the queue is finished).
+
+    With backfill, runs of jobs that a refusal stops (or that wait for the borrowing pass) are
+    passed over in one vectorised step (:func:`~aifab.scheduler.search.next_to_try`)."""
+    n = jobs.n
+    backfill = ctx.config.backfill
     while i < n:
-        pj = jobs[i]
+        if backfill and n - i >= search.VECTOR_MIN:
+            i = next_to_try(ctx, jobs, i, within)
+            if i >= n:
+                return n
+        else:
+            i = jobs.done.find(0, i)  # the next job not done
+            if i < 0:
+                return n
+        pj = jobs.job(i)
         i += 1
-        if pj.done:
-            continue
         outcome = try_job(ctx, pj, within)
         if outcome == BOUND:
             if stop_after_bind:
                 return i
             continue
-        if ctx.config.backfill:
+        if backfill:
             continue
         if outcome == OVER_FAIR:
             return n  # strict order: the head waits for the borrowing pass, so does the rest
-        _block_behind(ctx, jobs, i, pj)
+        block_behind(jobs, i, pj.w.id)
         return n
     return n
-
-
-def _block_behind(ctx: Context, jobs: list[PendingJob], i: int, head: PendingJob) -> None:
-    for pj in jobs[i:]:
-        if not pj.done:
-            ctx.fail(
-                pj,
-                ReasonCode.QUEUED_BEHIND,
-                f"strict FIFO: waiting behind workload {head.w.id}, which cannot start yet",
-            )
 
 
 def try_job(ctx: Context, pj: PendingJob, within: bool) -> int:
@@ -124,31 +133,10 @@ def try_job(ctx: Context, pj: PendingJob, within: bool) -> int:
 def _quick_refusal(ctx: Context, pj: PendingJob) -> tuple[ReasonCode, str] | None:
     """O(1) answers for the common full-cluster case, then the per-shape memo of failures."""
     sess = ctx.sess
-    gpu, free = pj.req[0], sess.total_free_milli
-    if gpu > free:
-        key = ("capacity", gpu, free)
-        got = sess.messages.get(key)  # thousands of jobs share a few messages: word them once
-        if got is None:
-            where = "no GPU is free" if free <= 0 else f"only {gpus(free)} free"
-            got = sess.messages[key] = (
-                ReasonCode.INSUFFICIENT_CAPACITY,
-                f"needs {gpus(gpu)}; {where} in the cluster",
-            )
-        return got
-    biggest = pj.biggest  # most whole GPUs one task needs
-    if biggest > sess.largest_block:
-        key = ("block", biggest, sess.largest_block)
-        got = sess.messages.get(key)
-        if got is None:
-            got = sess.messages[key] = (
-                ReasonCode.FRAGMENTED,
-                f"needs {gpus(biggest * 1000)} on one node; the largest free block is {sess.largest_block}",
-            )
-        return got
-    memo = sess.shape_failures.get(pj.shape)
-    if memo is not None and pj.leaf is not None:
-        return memo
-    return None
+    memo = sess.shape_failures.get(pj.shape) if pj.leaf is not None else None
+    return quick_refusal(
+        pj.req[0], sess.total_free_milli, pj.biggest, sess.largest_block, memo, sess.messages
+    )
 
 
 def _extra_ok(ctx: Context, pj: PendingJob) -> Callable[[TaskSpec], bool]:

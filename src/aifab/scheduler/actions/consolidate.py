@@ -16,17 +16,25 @@ is not tried again in the same cycle.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from bisect import bisect_right
+from collections.abc import Callable, Iterable, Iterator
+from operator import itemgetter
+from typing import Any
 
 from aifab.core.decisions import EvictionCause, ReasonCode
+from aifab.scheduler import search
 from aifab.scheduler.checks import limit_refusal
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import Context
+from aifab.scheduler.jobs import I64, LeafJobs, PendingJob, code_bytes, code_table
 from aifab.scheduler.placer import eligible, place_workload
 from aifab.scheduler.plugins.nodescore import Binpack
-from aifab.scheduler.session import PendingJob, RunJob, Session, Statement, TaskSpec
+from aifab.scheduler.search import BoolArr, first_match, not_failed, waiting_for_room
+from aifab.scheduler.session import RunJob, Session, Statement, TaskSpec
 
 FRAGMENTATION = frozenset({ReasonCode.FRAGMENTED, ReasonCode.GANG, ReasonCode.TOPOLOGY})
+_FRAG_CODES = code_table(FRAGMENTATION)
+_FRAG = code_bytes(FRAGMENTATION)
 TARGET_NODES = 8  # nodes emptied at most per attempt
 _REPLACER = Binpack()  # stateless: re-places moved workloads
 NODES_TRIED = 4  # nodes reclaim_with_moves tries to empty for one pending task
@@ -38,7 +46,7 @@ def consolidate(ctx: Context) -> None:
     if attempts <= 0 or ctx.config.max_consolidation_moves <= 0:
         return
     failed: set[object] = set()
-    for pj in ctx.sess.pending:
+    for pj in _in_order(ctx, failed):
         if attempts <= 0:
             break
         if pj.bound or pj.reason is None or pj.reason[0] not in FRAGMENTATION or pj.leaf is None:
@@ -52,6 +60,84 @@ def consolidate(ctx: Context) -> None:
         attempts -= 1
         if not _try(ctx, pj):
             failed.add(pj.shape)
+
+
+def _in_order(ctx: Context, failed: set[object]) -> Iterator[PendingJob]:
+    """The pending jobs the loop above would not pass over at once (not bound, reason code a
+    fragmentation one: that never changes for a job before it is yielded), in global job
+    order; with many of them, runs the loop would pass over in the current state are skipped
+    at once in each job list (conservatively)."""
+    sess = ctx.sess
+    lists = [lj for lj in (*sess.jobs.lists.values(), sess.jobs.orphans) if lj.n]
+    marks = {id(lj): lj.code.translate(_FRAG) for lj in lists}
+    lists = [lj for lj in lists if marks[id(lj)].find(1) >= 0]
+    if sum(marks[id(lj)].count(1) for lj in lists) < search.VECTOR_MIN:
+        found: list[tuple[Any, int, LeafJobs]] = []
+        for lj in lists:
+            m = marks[id(lj)]
+            i = m.find(1)
+            while i >= 0:
+                found.append((lj.token(i), i, lj))
+                i = m.find(1, i + 1)
+        found.sort(key=itemgetter(0))  # tokens are unique: the global job order
+        for _, i, lj in found:
+            if not lj.bound[i]:
+                yield lj.job(i)
+        return
+
+    def worth(lj: LeafJobs) -> Callable[[slice | I64], BoolArr]:
+        def keep(idx: slice | I64) -> BoolArr:
+            out = waiting_for_room(lj, idx, _FRAG_CODES) & (lj.group.g[idx] <= sess.total_free_milli)
+            if failed:
+                out &= not_failed(lj, idx, failed, sess.jobs.shapes)
+            return out
+
+        return keep
+
+    masks = {id(lj): worth(lj) for lj in lists}
+    # Per list: the next position not yet walked, and its candidate from there in the state the
+    # candidate was found in. The candidate stands while the state does; after the walk acted
+    # on a job, every list searches again from its first job after that one.
+    pos = {id(lj): 0 for lj in lists}
+    cand: dict[int, int] = {}
+    version = _state(sess, failed)
+    while True:
+        best: tuple[Any, LeafJobs, int] | None = None
+        for lj in lists:
+            c = cand.get(id(lj))
+            if c is None:
+                c = cand[id(lj)] = first_match(lj, None, pos[id(lj)], masks[id(lj)])
+            if c < lj.n:
+                tok = lj.token(c)
+                if best is None or tok < best[0]:
+                    best = (tok, lj, c)
+        if best is None:
+            return
+        tok, lj, c = best
+        pos[id(lj)] = c + 1
+        del cand[id(lj)]
+        if lj.bound[c] or not _FRAG[lj.code[c]]:
+            continue  # the loop passes over it: nothing changes
+        yield lj.job(c)
+        now = _state(sess, failed)
+        if now != version:
+            version = now
+            for other in lists:  # the walk is past tok: each list resumes after it
+                if other is not lj:
+                    pos[id(other)] = max(pos[id(other)], _after(other, tok))
+            cand.clear()
+
+
+def _state(sess: Session, failed: set[object]) -> tuple[int, int, int]:
+    """Changes whenever anything the walk's checks read may have changed."""
+    return (len(sess.binds), len(sess.evictions), len(failed))
+
+
+def _after(lj: LeafJobs, tok: object) -> int:
+    """The first position of the list whose job comes after ``tok`` in the global order."""
+    ranks = lj.group.ranks
+    seq: list[Any] = lj.group.keys if ranks is None else ranks
+    return bisect_right(seq, tok)
 
 
 def _movers(ctx: Context, ni: int) -> list[RunJob]:

@@ -18,6 +18,8 @@ import heapq
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 
+import numpy as np
+
 from aifab.core.decisions import EvictionCause
 from aifab.core.resources import GPU_MILLI
 from aifab.scheduler.actions.consolidate import reclaim_with_moves
@@ -25,10 +27,14 @@ from aifab.scheduler.checks import gpus, limit_refusal, non_preemptible_refusal,
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import CAPACITY_CODES, Context
 from aifab.scheduler.fit import WHOLE
+from aifab.scheduler.jobs import I64, LeafJobs, PendingJob, code_bytes, code_table
 from aifab.scheduler.placer import eligible, place_workload, task_order
-from aifab.scheduler.session import PendingJob, QueueState, RunJob, Session, Statement
+from aifab.scheduler.search import BoolArr, first_match, not_failed, waiting_for_room, within_mask
+from aifab.scheduler.session import QueueState, RunJob, Session, Statement
 
 MAX_TRIES = 5  # placement tries per pending gang, evicting twice as much each time
+_ROOM_CODES = code_table(CAPACITY_CODES)
+_ROOM = code_bytes(CAPACITY_CODES)
 
 
 def reclaim(ctx: Context) -> None:
@@ -40,20 +46,39 @@ def reclaim(ctx: Context) -> None:
     by_leaf = _victims_by_leaf(ctx)
     for leaf in sorted(ctx.leaves, key=ctx.qkey):
         failed: set[object] = set()  # a shape that could not reclaim will not do better now
-        jobs = ctx.by_leaf.get(leaf.name, [])
-        if not jobs or (
+        jobs = ctx.by_leaf.get(leaf.name)
+        if jobs is None or (
             ctx.min_gpu[leaf.name] > 0 and leaf.allocated[0] + ctx.min_gpu[leaf.name] > leaf.fair[0]
         ):
             continue  # reclaim restores fair shares: no job of this queue is below its own
         room = leaf.deserved[0] - leaf.allocated[0]
-        if room > 0 and jobs:
+        order: I64 | None = None
+        if room > 0:
             # The guarantee first: jobs that fit in the queue's unused deserved quota are tried
             # before the others (job order otherwise), so a big head of line that is over the
             # quota cannot use up the queue's attempts.
-            inside = [pj for pj in jobs if pj.req[0] <= room]
-            if 0 < len(inside) < len(jobs):
-                jobs = inside + [pj for pj in jobs if pj.req[0] > room]
-        for pj in _candidates(ctx, jobs, budget):
+            inside = jobs.group.g <= room
+            k = int(inside.sum())
+            if 0 < k < jobs.n:
+                order = np.concatenate((np.flatnonzero(inside), np.flatnonzero(~inside)))
+
+        def worth(
+            idx: slice | I64, jobs: LeafJobs = jobs, leaf: QueueState = leaf, failed: set[object] = failed
+        ) -> BoolArr:
+            """Conservative: jobs the loop below would pass over in the current state are dropped."""
+            g = jobs.group.g[idx]
+            lent = sum(
+                q.allocated[0] - q.fair[0] for q in ctx.leaves if q is not leaf and q.allocated[0] > q.fair[0]
+            )
+            keep = waiting_for_room(jobs, idx, _ROOM_CODES)
+            keep &= (leaf.allocated[0] + g <= leaf.fair[0]) | (g <= 0)
+            keep &= within_mask(leaf, (g, jobs.group.c[idx], jobs.group.m[idx]))
+            keep &= g <= ctx.sess.total_free_milli + lent
+            if failed:
+                keep &= not_failed(jobs, idx, failed, ctx.sess.jobs.shapes)
+            return keep
+
+        for pj in _candidates(ctx, jobs, budget, order, worth):
             if leaf.allocated[0] + pj.req[0] > leaf.fair[0] and pj.req[0] > 0:
                 continue  # the common refusal, without building a shape
             if not within_fair(leaf, pj.req) or pj.shape in failed:
@@ -102,20 +127,33 @@ def preempt(ctx: Context) -> None:
     budget = [ctx.config.max_eviction_attempts]
     global_pool = ctx.config.fairness is Fairness.NONE
     by_leaf: _Victims | None = None
+    merged: list[tuple[tuple[object, ...], RunJob]] | None = None  # the global pool, merged once
     for name in sorted(ctx.by_leaf):
         if not _any_outranked(ctx, name, global_pool):
             continue
         failed: set[object] = set()
-        for pj in _candidates(ctx, ctx.by_leaf[name], budget):
+        jobs = ctx.by_leaf[name]
+
+        def worth(idx: slice | I64, jobs: LeafJobs = jobs, name: str = name) -> BoolArr:
+            """Conservative: drops jobs that cannot preempt (see _could_preempt) in this state."""
+            keep = waiting_for_room(jobs, idx, _ROOM_CODES)
+            lower = _lower_by_priority(ctx, name, jobs.group.prio[idx], global_pool)
+            return keep & (lower > 0) & (jobs.group.g[idx] <= ctx.sess.total_free_milli + lower)
+
+        for pj in _candidates(ctx, jobs, budget, None, worth):
             if (pj.shape, pj.order) in failed or not _could_preempt(ctx, name, pj, global_pool):
                 continue
             if by_leaf is None:
                 by_leaf = _victims_by_leaf(ctx)
             if global_pool:
-                pool: Iterable[tuple[tuple[object, ...], RunJob]] = heapq.merge(
-                    *(by_leaf[q] for q in sorted(ctx.sess.running_by_queue) if q in ctx.sess.queues),
-                    key=_first,
-                )
+                if merged is None:
+                    merged = list(
+                        heapq.merge(
+                            *(by_leaf[q] for q in sorted(ctx.sess.running_by_queue) if q in ctx.sess.queues),
+                            key=_first,
+                        )
+                    )
+                pool: Iterable[tuple[tuple[object, ...], RunJob]] = merged
             else:
                 pool = by_leaf[name]
             victims = (j for _, j in pool if _outranks(ctx, pj, j))
@@ -133,6 +171,20 @@ def preempt(ctx: Context) -> None:
             budget[0] -= 1
 
 
+def _lower_by_priority(ctx: Context, queue: str, prio: I64, global_pool: bool) -> I64:
+    """Per job priority, the preemptible running GPUs it outranks (as _could_preempt sums)."""
+    sess = ctx.sess
+    tables = list(sess.preemptible_gpu.values()) if global_pool else [sess.preemptible_gpu.get(queue, {})]
+    by_order = ctx.config.preempt_by_job_order
+    values, inverse = np.unique(prio, return_inverse=True)
+    lower = [
+        sum(g for table in tables for p, g in table.items() if p < int(v) or (by_order and p == int(v)))
+        for v in values
+    ]
+    out: I64 = np.asarray(lower, dtype=np.int64)[inverse]
+    return out
+
+
 def _any_outranked(ctx: Context, name: str, global_pool: bool) -> bool:
     """Whether some preemptible running work has a lower priority than the queue's highest
     pending one (or equal, when job order may preempt): otherwise nobody here can preempt."""
@@ -148,7 +200,11 @@ def _outranks(ctx: Context, pj: PendingJob, j: RunJob) -> bool:
     workload also yields to a pending one that comes first in job order (Tiresias LAS, SRTF)."""
     if j.w.priority < pj.w.priority:
         return True
-    return ctx.config.preempt_by_job_order and j.w.priority == pj.w.priority and ctx.jkey(j.w) > pj.order
+    if not ctx.config.preempt_by_job_order or j.w.priority != pj.w.priority:
+        return False
+    if j.order is None:
+        j.order = ctx.jkey(j.w)
+    return j.order > pj.order
 
 
 def _first(t: tuple[tuple[object, ...], RunJob]) -> tuple[object, ...]:
@@ -185,16 +241,39 @@ def _victims_by_leaf(ctx: Context) -> _Victims:
     return _Victims(ctx)
 
 
-def _candidates(ctx: Context, jobs: list[PendingJob], budget: list[int]) -> Iterator[PendingJob]:
-    """Pending jobs of a queue that failed for lack of room, in job order; the caller's attempts
-    (each one takes one unit of ``budget``) stop after a few per queue and per cycle."""
+def _candidates(
+    ctx: Context,
+    jobs: LeafJobs,
+    budget: list[int],
+    order: I64 | None,
+    worth: Callable[[slice | I64], BoolArr],
+) -> Iterator[PendingJob]:
+    """Pending jobs of a queue that failed for lack of room, in job order (``order``: the walk
+    as list positions); the caller's attempts (each one takes one unit of ``budget``) stop
+    after a few per queue and per cycle. ``worth`` lets runs of jobs the caller would pass over
+    be skipped at once (:func:`~aifab.scheduler.search.first_match`)."""
     start = budget[0]
     per_queue = ctx.config.max_eviction_attempts_per_queue
-    for pj in jobs:
+    total = jobs.n if order is None else len(order)
+    room = jobs.code.translate(_ROOM)  # 1 where the reason is a lack of room
+    if room.find(1) < 0:
+        return  # every job would be passed over
+    p = 0
+    while p < total:
         if start - budget[0] >= per_queue or budget[0] <= 0:
             return
-        if pj.bound or pj.reason is None or pj.reason[0] not in CAPACITY_CODES:
-            continue
+        p = first_match(jobs, order, p, worth)
+        if p >= total:
+            return
+        if order is None:
+            p = room.find(1, p)  # those before it would be passed over
+            if p < 0:
+                return
+        i = p if order is None else int(order[p])
+        p += 1
+        if jobs.bound[i] or not _ROOM[jobs.code[i]]:
+            continue  # bound, or its reason is not a lack of room (the code mirrors the reason)
+        pj = jobs.job(i)
         leaf = pj.leaf
         if leaf is None:
             continue

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -144,6 +144,7 @@ class External:
         self._sess: Session | None = None
         self._view: Any = None
         self._groups: Any = None
+        self._rows: list[tuple[int, int, list[int]]] | None = None  # what a kept view holds
         self._masks: dict[int, tuple[bytearray, Any]] = {}
 
     def pick(self, sess: Session, s: TaskSpec, allowed: bytearray, gang: list[int]) -> int | None:
@@ -190,14 +191,50 @@ class External:
         if self._sess is not sess:
             placement = importlib.import_module("aifab.scheduler.placement")
             self._sess = sess
-            self._view = placement.ClusterView.from_states(sess.nodes)
-            self._groups = placement.device_memory_groups(sess.nodes)
+            slot = sess.view_slot
+            nodes = sess.snapshot.nodes
+            self._rows = None
+            held = slot.rows if slot is not None and slot.nodes is nodes and slot.owner == self.name else None
+            if slot is not None and held is not None:
+                # The last cycle's view: re-copy the rows whose node differs now.
+                self._view, self._groups, self._rows = slot.view, slot.groups, held
+                stale = [
+                    i
+                    for i, ns in enumerate(sess.nodes)
+                    if held[i][2] != ns.gpu_free_milli
+                    or held[i][0] != ns.free_cpu
+                    or held[i][1] != ns.free_memory
+                ]
+                if stale:
+                    self._sync(sess, stale)
+            else:
+                self._view = placement.ClusterView.from_states(sess.nodes)
+                self._groups = placement.device_memory_groups(sess.nodes)
+                if slot is not None and isinstance(nodes, tuple):
+                    self._rows = [(ns.free_cpu, ns.free_memory, list(ns.gpu_free_milli)) for ns in sess.nodes]
+                    slot.view, slot.groups, slot.nodes, slot.owner, slot.rows = (
+                        self._view,
+                        self._groups,
+                        nodes,
+                        self.name,
+                        self._rows,
+                    )
             self._masks.clear()
             sess.touched.clear()
         elif sess.touched:
-            self._view.sync(sess.nodes, sess.touched)
+            self._sync(sess, sess.touched)
             sess.touched.clear()
         return self._view
+
+    def _sync(self, sess: Session, rows: Iterable[int]) -> None:
+        """Copy these nodes into the view (and note what it holds, when it is kept)."""
+        rows = list(rows)
+        self._view.sync(sess.nodes, rows)
+        held = self._rows
+        if held is not None:
+            for i in rows:
+                ns = sess.nodes[i]
+                held[i] = (ns.free_cpu, ns.free_memory, list(ns.gpu_free_milli))
 
     def _accept(
         self, sess: Session, s: TaskSpec, ni: int, devices: tuple[int, ...], milli: int, gmem: int

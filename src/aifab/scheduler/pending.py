@@ -1,0 +1,357 @@
+"""Pending workloads indexed for a cycle: job lists in job order, as arrays, kept between cycles.
+
+Each job list (one per leaf queue, or a single global one when fairness is ``none``) holds its
+pending workloads sorted by the job-order key, with the numbers the actions test (requested
+GPU/CPU/memory, biggest whole-GPU task, priority, preemptible, shape) also as numpy arrays, so
+that an action can find the next job worth trying among thousands without a Python step per job.
+
+A :class:`PendingIndex` is what a caller may keep from one cycle to the next (inside a
+:class:`~aifab.scheduler.memo.CycleMemo`): a workload waits through thousands of cycles
+unchanged, and workloads are immutable (a changed one is a new object). Entries are keyed by
+object identity and each holds its workload (so an id is never reused while it is kept), and
+the index is only ever updated into exactly the lists a from-scratch build would make:
+job-order keys end with the workload id, so with unique ids the sorted order is a total order
+that does not depend on the order of insertion. Where that does not hold (duplicate ids,
+incomparable keys such as NaN) the index is rebuilt from scratch with the original stable sort
+every cycle. Groups are never changed in place: an update makes new lists and arrays, so a
+cycle's lazily worded pending reasons keep reading the lists that cycle saw.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from itertools import pairwise
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from aifab.core.queues import QueueTree
+from aifab.core.workloads import GpuRequestKind, Workload
+from aifab.scheduler.session import TaskSpec, Vec
+
+I64 = npt.NDArray[np.int64]
+BoolArr = npt.NDArray[np.bool_]
+JobKey = Callable[[Workload], tuple[object, ...]]
+SpecCache = dict[object, tuple[list[TaskSpec], Vec, object, int]]
+_SPEC_CACHE_MAX = 4096
+# The infos of recently seen pending workloads by (identity, job order, memory hint), each entry
+# holding its workload: a caller without a memo that passes the same objects again (a
+# benchmark, a control plane that keeps its objects) gets them back.
+_KNOWN: dict[tuple[int, str, int], JobInfo] = {}
+_KNOWN_MAX = 200_000
+
+
+class JobInfo:
+    """What a pending workload flattens to; immutable once made."""
+
+    __slots__ = ("biggest", "key", "req", "shape", "specs", "w")
+
+    def __init__(self, w: Workload, key: tuple[object, ...], cache: SpecCache, hint: int) -> None:
+        self.w = w
+        self.key = key
+        self.specs, self.req, tasks_key, self.biggest = _static(w, cache, hint)
+        models, selector, topo = w.gpu_models, w.node_selector, w.topology
+        # What decides whether a placement can succeed (not the queue, not the id).
+        self.shape: object = (
+            tasks_key,
+            w.min_available or len(w.tasks),
+            w.node_pool,
+            tuple(sorted(models)) if models else (),
+            tuple(sorted(selector.items())) if selector else (),
+            None if topo is None else (topo.level, topo.mode.value),
+        )
+
+
+def _static(
+    w: Workload, cache: SpecCache, device_memory_hint: int
+) -> tuple[list[TaskSpec], Vec, object, int]:
+    tasks = w.tasks
+    gang_size = w.min_available or len(tasks)
+    t = tasks[0]
+    if len(tasks) == 1 or all(x is t for x in tasks):
+        # Plain attributes hash in C; dataclass __hash__/__eq__ would run Python code.
+        g = t.gpu
+        key: object = (
+            g.kind,
+            g.count,
+            g.milli,
+            g.memory_mib,
+            t.cpu_milli,
+            t.memory_mib,
+            len(tasks),
+            gang_size,
+        )
+    else:
+        key = (tasks, gang_size)
+    got = cache.get(key)  # most pending workloads share a few task shapes
+    if got is None:
+        specs = [TaskSpec(t, device_memory_hint) for t in w.tasks]
+        gang = specs[:gang_size]
+        req: Vec = (sum(s.gpu_need for s in gang), sum(s.cpu for s in gang), sum(s.memory for s in gang))
+        biggest = max((s.count for s in specs if s.kind is GpuRequestKind.WHOLE), default=0)
+        got = (specs, req, tuple(s.key for s in specs), biggest)
+        if len(cache) >= _SPEC_CACHE_MAX:
+            cache.clear()
+        cache[key] = got
+    return got
+
+
+def _has_nan(key: tuple[object, ...]) -> bool:
+    """NaN is the only float unequal to itself (and it makes sorting depend on input order)."""
+    return any(x.__class__ is float and x != x for x in key)
+
+
+_G, _C, _M, _BIG, _PRIO, _SID, _NPRE = range(7)  # rows of Group.data
+
+
+def _column(info: JobInfo, sid: int) -> tuple[int, int, int, int, int, int, int]:
+    w = info.w
+    return (info.req[0], info.req[1], info.req[2], info.biggest, w.priority, sid, 0 if w.preemptible else 1)
+
+
+class Group:
+    """One job list in job order (immutable): the infos and their numbers as one array whose
+    rows are: requested GPU milli, CPU milli and memory MiB, biggest whole-GPU task, priority,
+    shape id, non-preemptible (``g``, ``c``, ... are views of the rows)."""
+
+    __slots__ = (
+        "all_pre",
+        "big",
+        "c",
+        "data",
+        "g",
+        "infos",
+        "keys",
+        "m",
+        "max_prio",
+        "min_gpu",
+        "name",
+        "npre",
+        "prio",
+        "ranks",
+        "sid",
+    )
+
+    def __init__(
+        self, name: str, infos: list[JobInfo], sid_of: Callable[[object], int], ranks: list[int] | None = None
+    ) -> None:
+        self.name = name
+        # Position in the global job order, only when keys may tie (the stable-sort fallback).
+        self.ranks = ranks
+        data = np.zeros((7, len(infos)), dtype=np.int64)
+        if infos:
+            data[:] = np.asarray([_column(i, sid_of(i.shape)) for i in infos], dtype=np.int64).T
+        self._set(infos, [i.key for i in infos], data)
+
+    def _set(self, infos: list[JobInfo], keys: list[tuple[object, ...]], data: I64) -> None:
+        self.infos = infos
+        self.keys = keys
+        self.data = data
+        self.g: I64 = data[_G]
+        self.c: I64 = data[_C]
+        self.m: I64 = data[_M]
+        self.big: I64 = data[_BIG]
+        self.prio: I64 = data[_PRIO]
+        self.sid: I64 = data[_SID]
+        self.npre: BoolArr = data[_NPRE] != 0
+        self.all_pre = not bool(self.npre.any())
+        n = len(infos)
+        self.min_gpu = int(self.g.min()) if n else 0
+        self.max_prio = int(self.prio.max()) if n else 0
+
+    def spliced(self, removed: Sequence[int], added: list[JobInfo], sid_of: Callable[[object], int]) -> Group:
+        """A new group without the infos at positions ``removed`` (sorted) and with ``added``
+        (sorted by key, keys not present) inserted where they sort."""
+        new = Group.__new__(Group)
+        new.name = self.name
+        new.ranks = None
+        keys, infos, data = self.keys, self.infos, self.data
+        if removed:
+            keys = _drop(keys, removed)
+            infos = _drop(infos, removed)
+            data = np.delete(data, np.asarray(removed, dtype=np.int64), axis=1)
+        if added:
+            at = [bisect_left(keys, a.key) for a in added]
+            keys = _insert(keys, at, [a.key for a in added])
+            infos = _insert(infos, at, added)
+            cols = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).T
+            data = np.insert(data, np.asarray(at, dtype=np.int64), cols, axis=1)
+        new._set(infos, keys, data)
+        return new
+
+
+def _drop(lst: list[Any], positions: Sequence[int]) -> list[Any]:
+    out: list[Any] = []
+    prev = 0
+    for p in positions:
+        out += lst[prev:p]
+        prev = p + 1
+    out += lst[prev:]
+    return out
+
+
+def _insert(lst: list[Any], at: list[int], items: list[Any]) -> list[Any]:
+    """Insert items[k] before lst[at[k]] (``at`` non-decreasing, positions in ``lst``)."""
+    out: list[Any] = []
+    prev = 0
+    for p, x in zip(at, items, strict=True):
+        out += lst[prev:p]
+        out.append(x)
+        prev = p
+    out += lst[prev:]
+    return out
+
+
+class PendingIndex:
+    """The pending workloads of the last snapshot, grouped into job lists (see module doc).
+
+    ``sums`` holds each leaf queue's pending requests (what fair shares add to its usage);
+    ``orphans`` the pending workloads whose queue is unknown or not a leaf, in job order.
+    """
+
+    def __init__(self, tree: QueueTree, job_order: str, jkey: JobKey, grouped: bool, hint: int) -> None:
+        self.tree = tree
+        self.job_order = job_order
+        self.jkey = jkey
+        self.grouped = grouped
+        self.hint = hint
+        self.leaves = frozenset(n for n in (q.name for q in tree) if tree.is_leaf(n))
+        self.infos: dict[int, JobInfo] = {}  # id(workload) -> info
+        self.groups: dict[str, Group] = {}
+        self.orphans: Group = Group("", [], self.sid)
+        self.sums: dict[str, list[int]] = {}
+        self.shapes: dict[object, int] = {}  # shape -> small integer, for array masks
+        self.spec_cache: SpecCache = {}
+        self.exact = True  # False: keys may tie or not compare; rebuilt from scratch each cycle
+        self.global_order: list[tuple[str | None, int]] | None = None  # only when not exact
+
+    def matches(self, tree: QueueTree, job_order: str, grouped: bool, hint: int) -> bool:
+        return (
+            self.tree is tree
+            and self.job_order == job_order
+            and self.grouped == grouped
+            and self.hint == hint
+            and self.exact
+        )
+
+    def sid(self, shape: object) -> int:
+        got = self.shapes.get(shape)
+        if got is None:
+            got = self.shapes[shape] = len(self.shapes)
+        return got
+
+    def group_of(self, w: Workload) -> str | None:
+        """The job list of a workload (None: an orphan)."""
+        if w.queue not in self.leaves:
+            return None
+        return w.queue if self.grouped else ""
+
+    def info(self, w: Workload) -> JobInfo:
+        k = (id(w), self.job_order, self.hint)
+        got = _KNOWN.get(k)
+        if got is not None and got.w is w:
+            return got
+        if len(_KNOWN) >= _KNOWN_MAX:
+            _KNOWN.clear()
+        info = _KNOWN[k] = JobInfo(w, self.jkey(w), self.spec_cache, self.hint)
+        return info
+
+    def _sum(self, info: JobInfo, sign: int) -> None:
+        q = info.w.queue
+        if q in self.leaves:
+            s = self.sums.setdefault(q, [0, 0, 0])
+            s[0] += sign * info.req[0]
+            s[1] += sign * info.req[1]
+            s[2] += sign * info.req[2]
+
+    def build(self, pending: Iterable[Workload]) -> None:
+        """From scratch: the original stable sort of every pending workload by job-order key."""
+        old = self.infos
+        infos: dict[int, JobInfo] = {}
+        listed: list[JobInfo] = []
+        for w in pending:
+            got = old.get(id(w))
+            info = got if got is not None and got.w is w else self.info(w)
+            infos[id(w)] = info
+            listed.append(info)
+        self.infos = infos
+        listed.sort(key=lambda i: i.key)  # stable: ties keep snapshot order, as the original
+        keys = [i.key for i in listed]
+        self.exact = len(infos) == len(listed) and not any(map(_has_nan, keys))
+        if self.exact:
+            self.exact = all(a < b for a, b in pairwise(keys))
+        members: dict[str | None, list[JobInfo]] = {}
+        ranks: dict[str | None, list[int]] = {}
+        self.sums = {}
+        for r, info in enumerate(listed):
+            g = self.group_of(info.w)
+            members.setdefault(g, []).append(info)
+            ranks.setdefault(g, []).append(r)
+            self._sum(info, 1)
+        keep_ranks = not self.exact
+        self.groups = {
+            g: Group(g, lst, self.sid, ranks[g] if keep_ranks else None)
+            for g, lst in members.items()
+            if g is not None
+        }
+        self.orphans = Group("", members.get(None, []), self.sid, ranks.get(None) if keep_ranks else None)
+        self.global_order = None
+        if keep_ranks:
+            pos: dict[str | None, int] = {}
+            order: list[tuple[str | None, int]] = []
+            for info in listed:
+                g = self.group_of(info.w)
+                k = pos.get(g, 0)
+                pos[g] = k + 1
+                order.append((g, k))
+            self.global_order = order
+
+    def update(self, removed: Iterable[JobInfo], added: Iterable[Workload]) -> bool:
+        """Apply a change of the pending set; False if that cannot be done exactly (rebuild)."""
+        rm: dict[str | None, list[int]] = {}
+        for info in removed:
+            g = self.group_of(info.w)
+            grp = self.groups.get(g) if g is not None else self.orphans
+            if grp is None:
+                return False
+            p = bisect_left(grp.keys, info.key)
+            if p >= len(grp.keys) or grp.infos[p] is not info:
+                return False
+            rm.setdefault(g, []).append(p)
+            del self.infos[id(info.w)]
+            self._sum(info, -1)
+        add: dict[str | None, list[JobInfo]] = {}
+        for w in added:
+            info = self.info(w)
+            if _has_nan(info.key):
+                return False
+            self.infos[id(w)] = info
+            add.setdefault(self.group_of(w), []).append(info)
+            self._sum(info, 1)
+        for g in set(rm) | set(add):
+            grp = self.groups.get(g) if g is not None else self.orphans
+            new_infos = add.get(g, [])
+            new_infos.sort(key=lambda i: i.key)
+            if any(a.key == b.key for a, b in pairwise(new_infos)):
+                return False
+            base = grp if grp is not None else Group(g or "", [], self.sid)
+            positions = sorted(rm.get(g, []))
+            if len(set(positions)) != len(positions):
+                return False
+            got = base.spliced(positions, new_infos, self.sid)
+            # A new key equal to a kept one: ids repeat, the order would depend on arrival.
+            for a in new_infos:
+                p = bisect_left(got.keys, a.key)
+                if (p > 0 and got.keys[p - 1] == a.key) or (
+                    p + 1 < len(got.keys) and got.keys[p + 1] == a.key
+                ):
+                    return False
+            if g is None:
+                self.orphans = got
+            elif got.infos:
+                self.groups[g] = got
+            else:
+                self.groups.pop(g, None)
+        return True

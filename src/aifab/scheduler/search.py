@@ -1,0 +1,195 @@
+"""Vectorised walks over a job list: where the next job worth a Python step is.
+
+A backlog of thousands of pending jobs is mostly jobs an action passes over (no room, over the
+fair share, the wrong reason). These functions test a whole job list at once with numpy and
+return the position of the next job the action must look at itself:
+
+* :func:`next_to_try` (allocate) is exact: every job it passes over is one ``try_job`` would
+  refuse before placement, or leave for the borrowing pass, in the current state (which no
+  refusal changes); the refused ones are marked done with their reasons as one segment.
+* :func:`first_match` (reclaim, preempt, consolidate) is conservative: it only passes over jobs
+  that the action's own checks would pass over, and the action still runs all its checks on
+  the job returned, so a job it returns in vain costs a Python step and nothing else.
+
+Lists (or what is left of them) shorter than :data:`VECTOR_MIN` are walked job by job, exactly
+as before; tests force either way and compare.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from aifab.core.decisions import ReasonCode
+from aifab.scheduler.config import Fairness
+from aifab.scheduler.context import Context
+from aifab.scheduler.jobs import CODE_ID, I64, U8, Behind, LeafJobs, Refused
+from aifab.scheduler.session import QueueState
+
+BoolArr = npt.NDArray[np.bool_]
+VECTOR_MIN = 24  # remaining jobs below which a list is walked job by job
+
+_LIMIT = CODE_ID[ReasonCode.QUEUE_LIMIT]
+_NON_PREEMPTIBLE = CODE_ID[ReasonCode.NON_PREEMPTIBLE_OVER_QUOTA]
+_STATIC = CODE_ID[ReasonCode.OVER_FAIR_SHARE]
+_CAPACITY = CODE_ID[ReasonCode.INSUFFICIENT_CAPACITY]
+_BLOCK = CODE_ID[ReasonCode.FRAGMENTED]
+_BEHIND = CODE_ID[ReasonCode.QUEUED_BEHIND]
+
+
+def memo_codes(ctx: Context) -> U8 | None:
+    """Per shape id, the code of the shape's remembered placement failure (0: none)."""
+    failures = ctx.sess.shape_failures
+    if not failures:
+        return None
+    shapes = ctx.sess.jobs.shapes
+    table = np.zeros(max(len(shapes), 1), dtype=np.uint8)
+    hit = False
+    for shape, (code, _) in failures.items():
+        sid = shapes.get(shape)
+        if sid is not None:
+            table[sid] = CODE_ID[code]
+            hit = True
+    return table if hit else None
+
+
+def _reqs(lj: LeafJobs, sl: slice | I64) -> tuple[I64, I64, I64]:
+    grp = lj.group
+    return grp.g[sl], grp.c[sl], grp.m[sl]
+
+
+def refusal_codes(ctx: Context, lj: LeafJobs, lo: int) -> U8:
+    """For jobs ``lo:`` of the list, the code of the refusal try_job gives before placement in
+    the current state (0: none), checks in try_job's order."""
+    grp, sess, fairness = lj.group, ctx.sess, ctx.config.fairness
+    sl = slice(lo, lj.n)
+    reqs = _reqs(lj, sl)
+    n = len(reqs[0])
+    conds: list[tuple[BoolArr, int | U8]] = []
+    if fairness is not Fairness.NONE:
+        leaf = lj.leaf
+        assert leaf is not None
+        if leaf.limits:
+            m = np.zeros(n, dtype=np.bool_)
+            for qs, k, lim in leaf.limits:
+                r = reqs[k]
+                m |= (r > 0) & (qs.allocated[k] + r > lim)
+            conds.append((m, _LIMIT))
+        if not grp.all_pre:
+            m = np.zeros(n, dtype=np.bool_)
+            for k in range(3):
+                if k == 0 or leaf.deserved[k] > 0:
+                    r = reqs[k]
+                    m |= (r > 0) & (leaf.np_allocated[k] + r > leaf.deserved[k])
+            conds.append((m & grp.npre[sl], _NON_PREEMPTIBLE))
+        if fairness is Fairness.STATIC:
+            m = np.zeros(n, dtype=np.bool_)
+            for k in range(3):
+                if k == 0 or leaf.deserved[k] > 0:
+                    r = reqs[k]
+                    m |= (r > 0) & (leaf.allocated[k] + r > leaf.deserved[k])
+            conds.append((m, _STATIC))
+    conds.append((reqs[0] > sess.total_free_milli, _CAPACITY))
+    conds.append((grp.big[sl] > sess.largest_block, _BLOCK))
+    table = memo_codes(ctx)
+    if table is not None:
+        mc = table[grp.sid[sl]]
+        conds.append((mc > 0, mc))
+    out: U8 = np.zeros(n, dtype=np.uint8)
+    for m, code in reversed(conds):  # the first check that refuses a job gives its code
+        out[m] = code if isinstance(code, int) else code[m]
+    return out
+
+
+def within_mask(leaf: QueueState, reqs: tuple[I64, I64, I64]) -> BoolArr:
+    """``within_fair`` for each job: every requested resource stays within the fair share."""
+    ok: BoolArr = np.ones(len(reqs[0]), dtype=np.bool_)
+    for k in range(3):
+        r = reqs[k]
+        ok &= (r <= 0) | (leaf.allocated[k] + r <= leaf.fair[k])
+    return ok
+
+
+def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
+    """Allocate with backfill, from position ``i``: the first job that is not done, that no
+    refusal stops, and (``within``) that fits its queue's fair share; ``lj.n`` if none. The
+    refused jobs before it are marked done, with their reasons (one segment)."""
+    n = lj.n
+    sess = ctx.sess
+    i = lj.done.find(0, i)  # done jobs are passed over
+    if i < 0:
+        return n
+    fairness = ctx.config.fairness
+    leaf = lj.leaf
+    # Whether a queue check (limits, non-preemptible quota, static quota) may refuse first.
+    checks = (
+        fairness is not Fairness.NONE
+        and leaf is not None
+        and (bool(leaf.limits) or not lj.group.all_pre or fairness is Fairness.STATIC)
+    )
+    todo = lj.done_np[i:] == 0
+    if not checks and lj.group.min_gpu > sess.total_free_milli:
+        # No job of the list asks for less than is free: each is refused for capacity.
+        refused = np.flatnonzero(todo)
+        codes = np.full(refused.size, _CAPACITY, dtype=np.uint8)
+        j = n - i
+    else:
+        all_codes = refusal_codes(ctx, lj, i)
+        go = todo & (all_codes == 0)
+        if within and fairness is not Fairness.NONE:
+            assert leaf is not None
+            go &= within_mask(leaf, _reqs(lj, slice(i, n)))
+        hits = np.flatnonzero(go)
+        j = int(hits[0]) if hits.size else n - i
+        refused = np.flatnonzero(todo[:j] & (all_codes[:j] != 0))
+        codes = all_codes[refused]
+    if refused.size:
+        state = Refused(
+            fairness,
+            leaf,
+            checks,
+            sess.total_free_milli,
+            sess.largest_block,
+            sess.shape_failures,
+            sess.messages,
+        )
+        lj.mark(refused + i, codes, state)
+    return i + j
+
+
+def block_behind(lj: LeafJobs, i: int, head: str) -> None:
+    """Strict FIFO: every job from ``i`` on that is not done waits behind ``head``."""
+    idx = np.flatnonzero(lj.done_np[i:] == 0)
+    if idx.size:
+        lj.mark(idx + i, np.full(idx.size, _BEHIND, dtype=np.uint8), Behind(head))
+
+
+def first_match(lj: LeafJobs, order: I64 | None, p: int, mask: Callable[[slice | I64], BoolArr]) -> int:
+    """The first position ``>= p`` of the walk (``order``: list positions in walk order, None
+    for the list's own order) whose job ``mask`` keeps; the walk's length if none. ``mask`` is
+    given list positions (a slice or an index array) and must keep every job the caller would
+    act on."""
+    total = lj.n if order is None else len(order)
+    if total - p < VECTOR_MIN:
+        return p
+    idx: slice | I64 = slice(p, total) if order is None else order[p:]
+    hits = np.flatnonzero(mask(idx))
+    return p + int(hits[0]) if hits.size else total
+
+
+def waiting_for_room(lj: LeafJobs, idx: slice | I64, codes: npt.NDArray[np.bool_]) -> BoolArr:
+    """Jobs not bound whose reason code is one of ``codes`` (a :func:`code_table`)."""
+    bound = np.frombuffer(lj.bound, dtype=np.uint8)[idx]
+    out: BoolArr = codes[lj.code_np[idx]] & (bound == 0)
+    return out
+
+
+def not_failed(lj: LeafJobs, idx: slice | I64, failed: set[object], shapes: dict[object, int]) -> BoolArr:
+    """Jobs whose shape is not in ``failed``."""
+    sids = [shapes[s] for s in failed if s in shapes]
+    out: BoolArr = (
+        ~np.isin(lj.group.sid[idx], sids) if sids else np.ones(len(lj.group.sid[idx]), dtype=np.bool_)
+    )
+    return out

@@ -1,0 +1,200 @@
+"""The cycle memo and the vectorised walks change the work of a cycle, never its result.
+
+Every comparison is of the whole CycleResult: binds, evictions, every pending reason (in
+order), fair shares, demands and stats.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from aifab.core import (
+    ClusterSnapshot,
+    CycleResult,
+    GpuRequest,
+    QueueTree,
+    TaskRequest,
+    Workload,
+    gpu_queue,
+    uniform_node,
+)
+from aifab.scheduler import Fairness, SchedulerConfig, run_cycle, search
+from aifab.scheduler.memo import CycleMemo, diff
+from aifab.sim.policies import POLICIES
+
+from .helpers import Placer, apply, running
+from .test_invariants import CONFIGS, _fits, contended, snapshots
+
+ALL_CONFIGS = [*CONFIGS, *POLICIES.values(), SchedulerConfig(backfill=False, fairness=Fairness.STATIC)]
+
+
+def full(r: CycleResult) -> tuple[object, ...]:
+    reasons = [(k, v.code, v.message) for k, v in r.pending.items()]
+    return (r.binds, r.evictions, reasons, len(r.pending), dict(r.fair_shares), dict(r.demands), r.stats)
+
+
+@contextmanager
+def vector_min(n: int) -> Iterator[None]:
+    old = search.VECTOR_MIN
+    search.VECTOR_MIN = n
+    try:
+        yield
+    finally:
+        search.VECTOR_MIN = old
+
+
+@st.composite
+def backlog(draw: Any) -> ClusterSnapshot:
+    """A mostly full cluster and dozens of pending jobs in a few shapes: long job lists."""
+    rng = random.Random(draw(st.integers(0, 2**32)))
+    n_nodes = rng.randint(2, 4)
+    nodes = tuple(
+        uniform_node(f"n{i}", 8, gpu_model=rng.choice("AB"), topology={"rack": f"r{i % 2}"})
+        for i in range(n_nodes)
+    )
+    total = 8 * n_nodes
+    hierarchical = rng.random() < 0.3
+    queues = [gpu_queue("d", total // 2, limit_gpus=rng.choice([None, total // 2]))] if hierarchical else []
+    split = [total // 4, total // 4, total // 8]
+    names = ["a", "b", "c"]
+    for name, deserved in zip(names, split, strict=True):
+        queues.append(
+            gpu_queue(
+                name,
+                deserved,
+                parent="d" if hierarchical and name != "c" else None,
+                limit_gpus=rng.choice([None, None, deserved + 4]),
+            )
+        )
+    placer = Placer(nodes)
+    ws: list[Workload] = []
+    for i in range(rng.randint(0, 4 * n_nodes)):
+        w = Workload(
+            id=f"r{i}",
+            queue=rng.choice(names),
+            tasks=(TaskRequest(GpuRequest.whole(rng.choice([1, 1, 2, 4]))),),
+            priority=rng.choice([25, 50, 50]),
+            preemptible=rng.random() < 0.9,
+            checkpoint_interval=rng.choice([None, 20.0]),
+            attained_gpu_seconds=float(rng.randint(0, 20000)),
+        )
+        on = rng.choice(nodes).name
+        if _fits(placer, w, on):
+            ws.append(running(w, placer, on, float(rng.randint(0, 99))))
+    for j in range(rng.randint(20, 70)):
+        g = rng.choice([1, 1, 1, 2, 4, 8])
+        tasks = rng.choice([1, 1, 1, 2])
+        ws.append(
+            Workload(
+                id=f"p{j}",
+                queue=rng.choice([*names, *names, "d" if hierarchical else "a", "nowhere"]),
+                tasks=(TaskRequest(GpuRequest.whole(g)),) * tasks,
+                priority=rng.choice([50, 50, 50, 100, 25]),
+                preemptible=rng.random() < 0.85,
+                gpu_models=frozenset(rng.choice([(), (), (), ("A",)])),
+                submit_time=float(rng.randint(0, 40)),
+                attained_gpu_seconds=float(rng.choice([0, 0, 5000, 50000])),
+                expected_duration=float(rng.randint(100, 10000)),
+            )
+        )
+    rng.shuffle(ws)
+    return ClusterSnapshot(nodes, QueueTree(queues), tuple(ws), now=100.0)
+
+
+any_snapshot = st.one_of(snapshots(), contended(), backlog(), backlog())
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_snapshot, st.sampled_from(ALL_CONFIGS))
+def test_vectorised_walks_decide_as_the_job_by_job_walk(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
+    with vector_min(10**9):
+        slow = full(run_cycle(snap, cfg))
+    with vector_min(0):
+        fast = full(run_cycle(snap, cfg))
+    assert fast == slow
+
+
+def _next(snap: ClusterSnapshot, r: CycleResult, rng: random.Random, step: int) -> ClusterSnapshot:
+    """The snapshot after applying ``r``: some running work finishes, new work arrives, and the
+    order of the workloads may change."""
+    after = apply(snap, r, now=snap.now + 10)
+    ws = [w for w in after.workloads if not (w.is_running and rng.random() < 0.2)]
+    for k in range(rng.randint(0, 6)):
+        src = rng.choice(ws) if ws else None
+        if src is not None and not src.is_running:
+            ws.append(replace(src, id=f"{src.id}-{step}-{k}", submit_time=src.submit_time + rng.random()))
+    if rng.random() < 0.15:
+        ws = [replace(w) for w in ws]  # equal workloads, other objects (a caller that rebuilds)
+    if rng.random() < 0.2:
+        rng.shuffle(ws)
+    elif ws and rng.random() < 0.3:
+        i = rng.randrange(len(ws))
+        ws.insert(rng.randrange(len(ws)), ws.pop(i))
+    return replace(after, workloads=tuple(ws))
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(any_snapshot, st.sampled_from(ALL_CONFIGS), st.integers(0, 2**32), st.booleans())
+def test_a_memo_kept_between_cycles_changes_nothing(
+    snap: ClusterSnapshot, cfg: SchedulerConfig, seed: int, forced: bool
+) -> None:
+    rng = random.Random(seed)
+    memo = CycleMemo()
+    with vector_min(0 if forced else search.VECTOR_MIN):
+        for step in range(5):
+            fresh = run_cycle(snap, cfg)
+            kept = run_cycle(snap, cfg, memo=memo)
+            assert full(kept) == full(fresh), step
+            snap = _next(snap, fresh, rng, step)
+
+
+def test_unusual_snapshots_rebuild_and_match() -> None:
+    """Repeated ids, repeated objects and NaN times make the memo fall back to a rebuild."""
+    nodes = (uniform_node("n0", 2),)
+    tree = QueueTree([gpu_queue("a", 1), gpu_queue("b", 1)])
+    w = [
+        Workload(
+            id=f"w{i % 3}",
+            queue="ab"[i % 2],
+            tasks=(TaskRequest(GpuRequest.whole(1 + i % 2)),),
+            submit_time=t,
+        )
+        for i, t in enumerate([1.0, 2.0, math.nan, 1.0, 3.0, 0.5])
+    ]
+    snaps = [
+        (w[0], w[1], w[3], w[4], w[5]),  # w0 twice (w[0] and w[3])
+        (w[0], w[0], w[1]),  # one object twice
+        (w[2], w[1], w[4]),  # NaN submit time
+        (w[1], w[4]),
+        (w[4], w[1], w[5]),
+    ]
+    for cfg in ALL_CONFIGS:
+        memo = CycleMemo()
+        for ws in snaps:
+            snap = ClusterSnapshot(nodes, tree, ws, now=10.0)
+            assert full(run_cycle(snap, cfg, memo=memo)) == full(run_cycle(snap, cfg))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.integers(0, 12), max_size=25), st.lists(st.integers(0, 20), max_size=25))
+def test_diff_accounts_for_every_object(old_idx: list[int], cur_idx: list[int]) -> None:
+    pool = [object() for _ in range(21)]
+    old = tuple(pool[i] for i in old_idx)
+    cur = tuple(pool[i] for i in cur_idx)
+    gone, new, swapped = diff(old, cur)  # type: ignore[arg-type]
+    have = Counter(map(id, old))
+    have.subtract(map(id, gone))
+    have.subtract(id(a) for a, _ in swapped)
+    assert min(have.values(), default=0) >= 0  # only objects that were there leave
+    have.update(map(id, new))
+    have.update(id(b) for _, b in swapped)
+    assert +have == Counter(map(id, cur))
