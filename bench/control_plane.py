@@ -22,8 +22,6 @@ import argparse
 import http.client
 import json
 import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,61 +31,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench._server import AIFAB, Server
 from bench._timing import calibration_seconds, machine
 
 RESULTS = Path(__file__).resolve().parent / "results"
-AIFAB = str(Path(sys.executable).parent / "aifab")
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
-class Server:
-    def __init__(self, home: Path) -> None:
-        self.home, self.port = home, _port()
-        self.env = {**os.environ, "AIFAB_HOME": str(home), "AIFAB_URL": f"http://127.0.0.1:{self.port}"}
-        log = open(home / "server.log", "ab")  # noqa: SIM115
-        self.proc = subprocess.Popen(
-            [AIFAB, "server", "--gpus", "4", "--port", str(self.port)],
-            env=self.env,
-            stdout=log,
-            stderr=log,
-            start_new_session=True,
-        )
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/v1/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.2)
-        self.token = (home / "admin.token").read_text().strip()
-        self.env["AIFAB_TOKEN"] = self.token
-        self.http = httpx.Client(
-            base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=60
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        self.proc.wait(timeout=30)
 
 
 def _job(name: str, gpus: float, code: str = "pass") -> dict[str, Any]:

@@ -10,9 +10,8 @@ overhead is judged on; target: within 10% of the engine alone).
 
 The clusters are the test clusters (``scripts/slurm/cluster.sh``: two nodes with 4 CPUs each;
 ``tests/backends/ray_cluster.py``: a head with 1 CPU and two workers with 2 CPUs each), started
-and stopped here. Through aifab, the server runs in this process with its loops in a thread
-(as ``aifab server`` does) and jobs are submitted through the API; direct Ray tasks are
-submitted from the same process, direct ``sbatch`` calls one command per job, as a user's script
+and stopped here. Through aifab, a real ``aifab server --config`` process serves the pool and jobs are
+submitted through its HTTP API, one call per job; direct Ray tasks are submitted from this process, direct ``sbatch`` calls one command per job, as a user's script
 would. Writes bench/results/engines.{json,md}.
 """
 
@@ -25,7 +24,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -44,51 +42,36 @@ POLL_S = 0.1
 
 
 def _aifab_run(home: Path, config: str, jobs: int, memory: str | None) -> dict[str, float]:
-    """Submit ``jobs`` trivial jobs through the API of an in-process server and wait for all."""
-    from fastapi.testclient import TestClient
-    from sqlalchemy import func, select
+    """Submit ``jobs`` trivial jobs, one API call each as a user's script would, to a real
+    ``aifab server --config`` process; the end is read from its store (SQLite, read-only)."""
+    import sqlite3
 
-    from aifab.api.app import ServerContext, create_app
-    from aifab.control.db.models import WorkloadRow
-    from aifab.control.server import build
-    from aifab.control.settings import Settings
+    from bench._server import Server
 
     home.mkdir(parents=True)
     (home / "config.yaml").write_text(config)
-    settings = Settings.load(env={}, home=home, config=str(home / "config.yaml"))
-    server = build(settings)
-    api = TestClient(create_app(ServerContext(settings, server.db, server.backend, server.controller)))
-    api.headers["Authorization"] = f"Bearer {server.admin_token}"
-    assert api.post("/v1/projects", json={"name": "bench"}).status_code == 201
-    stop = threading.Event()
-    loop = threading.Thread(target=server.controller.run, args=(stop,), daemon=True)
-    loop.start()
+    srv = Server(home, ("--config", str(home / "config.yaml")))
+    store = sqlite3.connect(f"file:{home / 'aifab.db'}?mode=ro", uri=True)
     resources: dict[str, Any] = {"cpu": 1}
     if memory:
         resources["memory"] = memory
     spec = {"kind": "job", "name": "t", "project": "bench", "command": ["true"], "resources": resources}
     try:
+        assert srv.http.post("/v1/projects", json={"name": "bench"}).status_code == 201
         t0 = time.perf_counter()
         for _ in range(jobs):
-            r = api.post("/v1/workloads", json=spec)
+            r = srv.http.post("/v1/workloads", json=spec)
             assert r.status_code == 201, r.text
         submitted = time.perf_counter() - t0
-        while True:
-            with server.db.read_session() as s:
-                done = s.scalar(
-                    select(func.count()).where(WorkloadRow.phase.in_(("succeeded", "failed", "cancelled")))
-                )
-                failed = s.scalar(select(func.count()).where(WorkloadRow.phase != "succeeded"))
-            if done == jobs:
-                break
+        done = "SELECT count(*) FROM workloads WHERE phase IN ('succeeded', 'failed', 'cancelled')"
+        while store.execute(done).fetchone()[0] < jobs:
             time.sleep(POLL_S)
         total = time.perf_counter() - t0
+        failed = store.execute("SELECT count(*) FROM workloads WHERE phase != 'succeeded'").fetchone()[0]
     finally:
-        stop.set()
-        server.controller.wake.set()
-        loop.join(timeout=30)
-        server.db.dispose()
-    return {"submit_s": submitted, "total_s": total, "not_succeeded": float(failed or 0)}
+        store.close()
+        srv.stop()
+    return {"submit_s": submitted, "total_s": total, "not_succeeded": float(failed)}
 
 
 # ----------------------------------------------------------------------------------- Slurm

@@ -77,8 +77,10 @@ SECTIONS = [
         "`bench/engines.py`: the same trivial jobs (`true`, one CPU each) sent straight to the engine "
         "and through aifab to the same engine, side by side in one run: `sbatch` per job against a "
         "two-node test Slurm cluster (`scripts/slurm/cluster.sh`, 8 CPUs), and direct Ray tasks against "
-        "a three-node loopback Ray cluster (5 CPUs). Through aifab: an in-process server (SQLite, loops "
-        "in a thread) and the HTTP API. Target: aifab's end-to-end time within 10% of the engine alone.",
+        "a three-node loopback Ray cluster (5 CPUs). Through aifab: a real `aifab server --config` process "
+        "(SQLite store) serving one pool on that engine, one HTTP API call per job, as a user's script "
+        "would; the end is read from the server's store. Target: aifab's end-to-end time within 10% of "
+        "the engine alone.",
     ),
 ]
 

@@ -47,10 +47,11 @@ HEALTH_CHECKS = {
 class LoopbackRay:
     """The cluster: nodes by name, and every process they started, for killing by pid."""
 
-    def __init__(self, shared_dir: Path) -> None:
+    def __init__(self, shared_dir: Path, gcs_port: int = 0) -> None:
         from ray.cluster_utils import Cluster
 
         self.shared_dir = shared_dir
+        self.gcs_port = gcs_port  # 0: any free port
         self.cluster = Cluster(initialize_head=False, shutdown_at_exit=True)
         self.nodes: dict[str, Any] = {}  # name → ray._private.node.Node
         self._names = itertools.count(1)
@@ -60,10 +61,13 @@ class LoopbackRay:
     def address(self) -> str:
         return str(self.cluster.address)
 
-    def start(self) -> None:
-        self._add("head", num_cpus=1, num_gpus=0, include_dashboard=False, _system_config=HEALTH_CHECKS)
-        self.add_node()
-        self.add_node()
+    def start(self, workers: int = 2) -> None:
+        port = {"gcs_server_port": self.gcs_port} if self.gcs_port else {}
+        self._add(
+            "head", num_cpus=1, num_gpus=0, include_dashboard=False, _system_config=HEALTH_CHECKS, **port
+        )
+        for _ in range(workers):
+            self.add_node()
 
     def add_node(self) -> str:
         name = f"w{next(self._names)}"
@@ -72,7 +76,8 @@ class LoopbackRay:
 
     def _add(self, name: str, **args: Any) -> None:
         labels = {"aifab.io/node": name, **args.pop("labels", {})}
-        node = self.cluster.add_node(labels=labels, object_store_memory=OBJECT_STORE_BYTES, **args)
+        with _process_state_kept():
+            node = self.cluster.add_node(labels=labels, object_store_memory=OBJECT_STORE_BYTES, **args)
         self.nodes[name] = node
         self._remember(node)
 
@@ -99,13 +104,16 @@ class LoopbackRay:
         self.cluster.remove_node(node, allow_graceful=False)
         _kill(doomed)
 
-    def stop(self) -> None:
+    def stop(self, driver: bool = True) -> None:
+        """Kill every process of the cluster; with ``driver``, disconnect this process from it
+        first (leave it False for a cluster this process does not drive: it may drive another)."""
         import ray
 
         with contextlib.suppress(Exception):
             self.start_engine()  # a frozen GCS would hold up the driver's shutdown
         with contextlib.suppress(Exception):  # whatever state the driver is in, kill the rest
-            ray.shutdown()
+            if driver:
+                ray.shutdown()
         for name in [n for n in self.nodes if n != "head"] + ["head"]:
             node = self.nodes.pop(name, None)
             if node is not None:
@@ -130,6 +138,28 @@ class LoopbackRay:
                             found[p.pid] = p.create_time()
         self._seen.update(found)
         return found
+
+
+@contextlib.contextmanager
+def _process_state_kept() -> Iterator[None]:
+    """Starting a node in this process points the process's GCS client (the one of
+    ``ray.experimental.internal_kv``, which aifab's records and node listing use) at that node's
+    cluster, and a head node writes its address as this machine's "current" cluster. Both are
+    put back as they were: a process connected as a driver keeps talking to its own cluster,
+    even while it starts another (one it does not drive), and after that one is gone."""
+    from ray._common.utils import get_ray_address_file
+    from ray.experimental import internal_kv
+
+    client = internal_kv.internal_kv_get_gcs_client()  # type: ignore[no-untyped-call]
+    address_file = Path(get_ray_address_file(None))
+    address = address_file.read_text() if address_file.exists() else None
+    try:
+        yield
+    finally:
+        if client is not None:  # none yet: the driver's ray.init sets its own
+            internal_kv._initialize_internal_kv(client)
+        if address is not None:
+            address_file.write_text(address)
 
 
 def _kill(pids: dict[int, float]) -> None:

@@ -34,11 +34,15 @@ class Env:
         self.env = {**os.environ, "AIFAB_HOME": str(home), "AIFAB_URL": f"http://127.0.0.1:{port}"}
         self.env.pop("AIFAB_TOKEN", None)
         self.server: subprocess.Popen[bytes] | None = None
+        self.server_args: tuple[str, ...] = ("--gpus", "2")  # or ("--config", FILE)
 
     def start(self) -> None:
         log = open(self.home / f"server-{time.time():.0f}.log", "ab")  # noqa: SIM115 - closed with the process
         self.server = subprocess.Popen(
-            [AIFAB, "server", "--gpus", "2", "--port", str(self.port)], env=self.env, stdout=log, stderr=log
+            [AIFAB, "server", *self.server_args, "--port", str(self.port)],
+            env=self.env,
+            stdout=log,
+            stderr=log,
         )
         deadline = time.time() + 30
         while time.time() < deadline:

@@ -142,6 +142,18 @@ class PoolRouter:
     def read_log(self, handle: Handle, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int]:
         return self.backend_for(handle).read_log(_inner(handle), offset, limit)
 
+    def exit_marks(self) -> tuple[object, ...]:
+        """One mark per pool that keeps an ends journal (see :mod:`aifab.backends.ends`): the
+        tuple changes when a task of any pool ends. A pool that cannot say gives None."""
+        marks: list[object] = []
+        for backend in self.pools.values():
+            mark = getattr(backend, "exit_mark", None)
+            try:
+                marks.append(mark() if mark is not None else None)
+            except BackendError:
+                marks.append(None)
+        return tuple(marks)
+
     def release(self, handle: Handle) -> None:
         """Let the engine forget a finished task (engines that keep per-task state)."""
         backend = self.backend_for(handle)

@@ -9,26 +9,30 @@ free (an evicted task may still hold it during its grace period).
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent import futures
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy import Select, select
+from sqlalchemy.orm import Session, defer
 
 from aifab.backends.base import BackendError, EngineUnavailable, LaunchRequest
 from aifab.backends.router import PoolRouter
 from aifab.control import spec as specs
 from aifab.control.db import Database
 from aifab.control.db.models import NodeRow, TaskRunRow, WorkloadRow
+from aifab.control.reconcile import current_attempts, in_chunks
 from aifab.control.services import nodes as node_service
 from aifab.control.services.workloads import event, transition
 from aifab.control.settings import Settings
 
 LAUNCH_WORKERS = 16  # engine calls in flight at once while dispatching
+LAUNCH_PATIENCE_S = 0.05  # how long a pass waits for its launches before moving on
 # What one launch came to: run id, request, handle (None: it did not start), error, engine away.
 Outcome = tuple[int, LaunchRequest, "dict[str, Any] | None", str, bool]
 
@@ -40,15 +44,47 @@ class Dispatcher:
     backend: PoolRouter
     settings: Settings
     _spec: Callable[[WorkloadRow], specs.JobSpec]
+    _live_runs: int
 
-    def dispatch_once(self) -> None:
+    wake: threading.Event
+    _launcher: ThreadPoolExecutor | None = None
+    _launch_lock: threading.Lock | None = None
+    _inflight: set[int] | None = None  # run ids handed to the launcher, outcome not yet written
+    _launched: list[Outcome] | None = None  # outcomes the launcher finished, not yet written
+    _recovered = False
+
+    def dispatch_once(self, *, wait: bool = True) -> None:
+        """Stop what must stop, then launch what is bound. ``wait=False`` (the server's loop)
+        hands launches to a pool of threads and writes their outcomes on a later pass, so a slow
+        engine round trip (one ``sbatch``) never holds the loop: exits are noticed and rooms
+        reused meanwhile."""
+        self._write_finished_launches()
         self._stop_requested()
         claimed = self._claim_launches()
+        if not self._recovered:
+            claimed = self._interrupted_launches() + claimed
+            self._recovered = True
         if claimed:
-            self._launch_all(claimed)
+            self._launch_all(claimed, wait)
+
+    def _interrupted_launches(self) -> list[int]:
+        """Runs a previous process marked ``launching`` and never heard back about: launched
+        again (every backend's launch is idempotent per task attempt, so a task that did start
+        is found, not started twice)."""
+        with self.db.read_session() as s:
+            return list(s.scalars(select(TaskRunRow.id).where(TaskRunRow.state == "launching")))
+
+    def drain_launches(self) -> None:
+        """Wait for launches in flight and write their outcomes (at shutdown, and in tests)."""
+        if self._launcher is not None:
+            self._launcher.shutdown(wait=True)
+            self._launcher = None
+        self._write_finished_launches()
 
     def _stop_requested(self) -> None:
-        with self.db.session() as s:
+        """Stop evicted runs and those of cancelled workloads. The engines are called between a
+        read and a write transaction, never inside one (SQLite has a single write lock)."""
+        with self.db.read_session() as s:
             cancelling = select(WorkloadRow.id).where(WorkloadRow.cancel_requested.is_(True))
             rows = s.scalars(
                 select(TaskRunRow).where(
@@ -56,24 +92,48 @@ class Dispatcher:
                     | (TaskRunRow.state.in_(("bound", "running")) & TaskRunRow.workload_id.in_(cancelling))
                 )
             ).all()
-            for r in rows:
-                w = s.get(WorkloadRow, r.workload_id)
-                grace = (
-                    float(self._spec(w).checkpoint_grace) if w is not None else self.settings.default_grace
-                )
-                if r.handle:
-                    try:
-                        self.backend.stop(r.handle, grace)
-                    except EngineUnavailable:
-                        continue  # still asked for: tried again on the next pass
-                    except BackendError as exc:
-                        event(s, r.workload_id, "error", f"stop task {r.task_index}: {exc}")
-                    r.state, r.stop_deadline = "stopping", time.time() + grace
-                else:  # never launched: nothing to stop
-                    r.state, r.finished_at = "exited", time.time()
+            inflight = self._inflight or set()  # stopped once their launch's outcome is written
+            todo = [
+                (r.id, dict(r.handle) if r.handle else None, self._grace(s, r.workload_id))
+                for r in rows
+                if r.id not in inflight
+            ]
+        if not todo:
+            return
+        done: dict[int, tuple[float, str | None]] = {}  # run id → (grace, error); no grace: never launched
+        for run_id, handle, grace in todo:
+            if handle is None:
+                done[run_id] = (-1.0, None)
+                continue
+            try:
+                self.backend.stop(handle, grace)
+                done[run_id] = (grace, None)
+            except EngineUnavailable:
+                continue  # still asked for: tried again on the next pass
+            except BackendError as exc:
+                done[run_id] = (grace, str(exc))
+        with self.db.session() as s:
+            now = time.time()
+            for run_id, (grace, error) in done.items():
+                r = s.get(TaskRunRow, run_id)
+                if r is None:
+                    continue
+                if grace < 0:  # nothing to stop
+                    r.state, r.finished_at = "exited", now
+                    continue
+                if error is not None:
+                    event(s, r.workload_id, "error", f"stop task {r.task_index}: {error}")
+                r.state, r.stop_deadline = "stopping", now + grace
+
+    def _grace(self, s: Session, workload_id: str) -> float:
+        w = s.get(WorkloadRow, workload_id)
+        return float(self._spec(w).checkpoint_grace) if w is not None else self.settings.default_grace
 
     def _claim_launches(self) -> list[int]:
         """Bound runs whose room is free, marked ``launching`` (intent written before acting)."""
+        with self.db.read_session() as s:
+            if s.scalar(select(TaskRunRow.id).where(TaskRunRow.state == "bound").limit(1)) is None:
+                return []  # the usual case: no write transaction for nothing
         with self.db.session() as s:
             bound = s.scalars(
                 select(TaskRunRow).where(TaskRunRow.state == "bound").order_by(TaskRunRow.id)
@@ -98,29 +158,86 @@ class Dispatcher:
                 claimed.append(r.id)
             return claimed
 
-    def _launch_all(self, run_ids: list[int]) -> None:
+    def _launch_all(self, run_ids: list[int], wait: bool) -> None:
         """Launch claimed runs: requests built in one transaction, engines called concurrently
         (a remote engine's round trip, e.g. one ``sbatch``, would otherwise be paid once per task
         in a row), outcomes written in one transaction. A gang's tasks launch in order, in one
         worker: an engine may reserve the whole gang when its first task launches."""
         with self.db.session() as s:
             requests: dict[str, list[tuple[int, LaunchRequest]]] = defaultdict(list)
-            for run_id in run_ids:
-                r = s.get(TaskRunRow, run_id)
-                if r is None or r.state != "launching":
-                    continue
-                w = s.get(WorkloadRow, r.workload_id)
-                assert w is not None
-                requests[w.id].append((run_id, self._request(s, w, r, self._spec(w))))
+            runs = [
+                r for r in in_chunks(s, select(TaskRunRow), TaskRunRow.id, run_ids) if r.state == "launching"
+            ]
+            wids = sorted({r.workload_id for r in runs})
+            workloads = {w.id: w for w in in_chunks(s, _workloads(), WorkloadRow.id, wids)}
+            attempts = current_attempts(s, wids)
+            for r in sorted(runs, key=lambda r: r.id):
+                w = workloads[r.workload_id]
+                requests[w.id].append((r.id, self._request(s, w, r, self._spec(w), attempts[w.id])))
         groups = list(requests.values())
+        if not wait:
+            # Quick launches (a local process) are written in this pass; slow ones (sbatch, a
+            # busy engine) on a later one, without holding the loop.
+            futures.wait([self._launch_later(g) for g in groups], timeout=LAUNCH_PATIENCE_S)
+            self._write_finished_launches()
+            return
         if len(groups) == 1:
             outcomes = self._launch_group(groups[0])
         else:
             with ThreadPoolExecutor(max_workers=min(LAUNCH_WORKERS, len(groups))) as pool:
                 outcomes = [o for done in pool.map(self._launch_group, groups) for o in done]
+        self._write_launches(outcomes)
+
+    def _launch_later(self, group: list[tuple[int, LaunchRequest]]) -> futures.Future[None]:
+        if self._launcher is None or self._launch_lock is None:
+            self._launch_lock = threading.Lock()
+            self._inflight, self._launched = set(), []
+            self._launcher = ThreadPoolExecutor(max_workers=LAUNCH_WORKERS, thread_name_prefix="aifab-launch")
+        with self._launch_lock:
+            assert self._inflight is not None
+            self._inflight.update(run_id for run_id, _ in group)
+
+        def launch() -> None:
+            outcomes = self._launch_group(group)
+            assert self._launch_lock is not None and self._launched is not None
+            with self._launch_lock:
+                self._launched.extend(outcomes)
+            self.wake.set()  # write the outcome now; the loop may be waiting
+
+        return self._launcher.submit(launch)
+
+    def _write_finished_launches(self) -> None:
+        if self._launch_lock is None or self._launched is None or self._inflight is None:
+            return
+        with self._launch_lock:
+            outcomes, self._launched = self._launched, []
+        if not outcomes:
+            return
+        self._write_launches(outcomes)
+        with self._launch_lock:
+            self._inflight.difference_update(o[0] for o in outcomes)
+
+    def _write_launches(self, outcomes: list[Outcome]) -> None:
         with self.db.session() as s:
-            for outcome in outcomes:
-                self._record_launch(s, *outcome)
+            launched = {
+                r.id: r for r in in_chunks(s, select(TaskRunRow), TaskRunRow.id, [o[0] for o in outcomes])
+            }
+            wids = sorted({r.workload_id for r in launched.values()})
+            workloads = {w.id: w for w in in_chunks(s, _workloads(), WorkloadRow.id, wids)}
+            for run_id, req, handle, error, lost in outcomes:
+                run = launched.get(run_id)
+                owner = workloads.get(run.workload_id) if run is not None else None
+                if run is not None and owner is not None:
+                    self._record_launch(s, run, owner, req, handle, error, lost)
+            # A workload runs once every task of its attempt does.
+            for wid, siblings in current_attempts(s, wids).items():
+                w = workloads[wid]
+                if w.phase == "scheduled" and all(x.state == "running" for x in siblings):
+                    w.start_time = now = time.time()
+                    transition(
+                        s, w, "running", f"attempt {w.attempt}: all {len(siblings)} task(s) running", now
+                    )
+        self._live_runs += sum(1 for o in outcomes if o[2] is not None)  # watched for their ends
 
     def _launch_group(self, group: list[tuple[int, LaunchRequest]]) -> list[Outcome]:
         out: list[Outcome] = []
@@ -136,16 +253,13 @@ class Dispatcher:
     def _record_launch(
         self,
         s: Session,
-        run_id: int,
+        r: TaskRunRow,
+        w: WorkloadRow,
         req: LaunchRequest,
         handle: dict[str, Any] | None,
         error: str,
         lost: bool,
     ) -> None:
-        r = s.get(TaskRunRow, run_id)
-        w = s.get(WorkloadRow, r.workload_id) if r is not None else None
-        if r is None or w is None:
-            return
         now = time.time()
         if handle is None and lost:
             # Not the workload's fault: it is requeued whole, without counting a failure.
@@ -163,21 +277,19 @@ class Dispatcher:
             event(s, w.id, "error", f"task {r.task_index} could not start: {error}", now)
             return
         kept = {k: v for k, v in (r.handle or {}).items() if k == "master_port"}  # the gang's rendezvous
-        r.handle, r.state, r.started_at, r.log_path = {**handle, **kept}, "running", now, req.log_path
+        r.handle, r.started_at, r.log_path = {**handle, **kept}, now, req.log_path
+        if r.state == "launching":
+            r.state = "running"
+        # else: evicted or cancelled while its launch was in flight: now that the handle is
+        # known, the next dispatch pass stops it like any other.
         event(s, w.id, "launched", f"task {r.task_index} started on {r.node}", now)
-        siblings = s.scalars(
-            select(TaskRunRow).where(TaskRunRow.workload_id == w.id, TaskRunRow.attempt == w.attempt)
-        ).all()
-        if w.phase == "scheduled" and all(x.state == "running" for x in siblings):
-            w.start_time = now
-            transition(s, w, "running", f"attempt {w.attempt}: all {len(siblings)} task(s) running", now)
 
-    def _request(self, s: Session, w: WorkloadRow, r: TaskRunRow, spec: specs.JobSpec) -> LaunchRequest:
+    def _request(
+        self, s: Session, w: WorkloadRow, r: TaskRunRow, spec: specs.JobSpec, siblings: Sequence[TaskRunRow]
+    ) -> LaunchRequest:
+        """``siblings``: every task of the attempt, ``r`` among them."""
         from aifab.backends.local.executor import task_env
 
-        siblings = s.scalars(
-            select(TaskRunRow).where(TaskRunRow.workload_id == w.id, TaskRunRow.attempt == w.attempt)
-        ).all()
         world: dict[str, str | int] | None = None
         gang = sorted(siblings, key=lambda x: x.task_index)
         if len(siblings) > 1:
@@ -217,6 +329,10 @@ class Dispatcher:
             gang_nodes=tuple(x.node for x in gang) if len(gang) > 1 else (),
             gang_gpus=tuple(len(x.devices) for x in gang) if len(gang) > 1 else (),
         )
+
+
+def _workloads() -> Select[WorkloadRow]:
+    return select(WorkloadRow).options(defer(WorkloadRow.spec))  # specs come from the cache
 
 
 def _gang_port(s: Session, w: WorkloadRow, siblings: Sequence[TaskRunRow]) -> int:

@@ -18,30 +18,28 @@ a node is never oversubscribed during a grace period.
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, defer
 
-from aifab.backends.base import BackendError, EngineUnavailable, TaskState
 from aifab.backends.router import PoolRouter
 from aifab.control import spec as specs
 from aifab.control.db import Database
 from aifab.control.db.models import ACTIVE_RUN_STATES, NodeRow, QueueRow, TaskRunRow, WorkloadRow
 from aifab.control.dispatch import Dispatcher
+from aifab.control.reconcile import PREEMPTING, Reconciler
 from aifab.control.services import nodes as node_service
 from aifab.control.services.projects import Policies, put_state, queue_tree
 from aifab.control.services.projects import policies as project_policies
 from aifab.control.services.workloads import event, transition
 from aifab.control.settings import Settings
-from aifab.core.decisions import CycleResult
+from aifab.core.decisions import CycleResult, ReasonCode
 from aifab.core.snapshot import ClusterSnapshot
 from aifab.core.workloads import (
     TaskPlacement,
@@ -51,17 +49,16 @@ from aifab.core.workloads import (
     WorkloadPhase,
 )
 from aifab.scheduler import run_cycle
+from aifab.scheduler.explain import Reasons
 
+ENDS_WATCH_S = 0.02  # seconds between looks at the backends' ends journals while tasks run
 FULL_PASS_EVERY = 10.0  # seconds: a pass runs at least this often (clock-driven changes: min runtime)
-LIVE_RUNS = ("running", "stopping")  # a process may exist
-PREEMPTING = "preempting"  # reason_code while an evicted workload's tasks stop
-NODE_LOST = "node_lost"  # reason_code while the rest of a gang with a lost task stops
 # Specs are loaded (and validated) once per workload and cached: decoding 10,000 JSON specs on
 # every pass was most of a pass.
 _NO_SPEC = defer(WorkloadRow.spec)
 
 
-class Controller(Dispatcher):
+class Controller(Dispatcher, Reconciler):
     def __init__(self, db: Database, backend: PoolRouter, settings: Settings) -> None:
         self.db = db
         self.backend = backend
@@ -77,6 +74,8 @@ class Controller(Dispatcher):
         # What the store looked like at the last schedule pass (see _fingerprint).
         self._last_mark: tuple[Any, ...] | None = None
         self._last_pass = 0.0
+        self._next_schedule_at = 0.0  # monotonic; see tick(paced=True)
+        self._schedule_deferred = False
 
     # ----- inventory -----------------------------------------------------------------------
     def sync_inventory(self) -> None:
@@ -102,26 +101,64 @@ class Controller(Dispatcher):
                 put_state(s, "pool_errors", errors)
                 self.pool_errors = errors
         self._last_inventory = time.time()
+        self._lost_since_inventory = False
 
     # ----- one pass of everything ----------------------------------------------------------
-    def tick(self, now: float | None = None) -> None:
+    def tick(self, now: float | None = None, *, paced: bool = False) -> None:
+        """One pass of every loop. ``paced`` (the server's loop): a schedule pass starts no sooner
+        after the previous one than that one took, so a stream of submissions, each of which
+        changes what there is to decide, leaves the API at least half of the time."""
         if time.time() - self._last_inventory >= self.settings.inventory_interval:
             self.sync_inventory()
         self.reconcile_once()
-        self.schedule_once(now)
-        self.dispatch_once()
+        if self._lost_since_inventory:
+            self.sync_inventory()
+        self._schedule_deferred = paced and time.monotonic() < self._next_schedule_at
+        if not self._schedule_deferred:
+            started = time.monotonic()
+            self.schedule_once(now)
+            ended = time.monotonic()
+            self._next_schedule_at = ended + (ended - started)
+        self.dispatch_once(wait=not paced)
 
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop``: whenever woken, every ``busy_interval`` while tasks run (an exit
         is noticed, and its room reused, that much sooner), else every ``schedule_interval``."""
+        watcher = threading.Thread(target=self._watch_ends, args=(stop,), name="aifab-ends", daemon=True)
+        watcher.start()
         while not stop.is_set():
             try:
-                self.tick()
+                self.tick(paced=True)
             except Exception as exc:  # a loop must survive one bad pass; the next one retries
                 print(f"aifab: control loop pass failed: {exc!r}", flush=True)
-            busy = self._live_runs > 0
-            self.wake.wait(self.settings.busy_interval if busy else self.settings.schedule_interval)
+            wait = self.settings.busy_interval if self._live_runs > 0 else self.settings.schedule_interval
+            if self._schedule_deferred or self.wake.is_set():
+                # Woken during the pass, or its schedule step was put off: go again as soon as
+                # pacing allows (a wake meanwhile would ask for the same).
+                self.wake.clear()
+                stop.wait(min(wait, max(0.0, self._next_schedule_at - time.monotonic())))
+                continue
+            self.wake.wait(wait)
             self.wake.clear()
+        watcher.join()
+        self.drain_launches()
+        self.drain_releases()
+
+    def _watch_ends(self, stop: threading.Event) -> None:
+        """Wake the loop as soon as a backend notes a task's end in its ends journal (see
+        :mod:`aifab.backends.ends`), rather than at the next ``busy_interval``: the freed room is
+        given to the next workload that much sooner."""
+        last: tuple[object, ...] | None = None
+        while not stop.wait(ENDS_WATCH_S):
+            if self._live_runs == 0:
+                continue
+            try:
+                mark = self.backend.exit_marks()
+            except Exception:  # a hint only: the loop's own passes still find every end
+                continue
+            if last is not None and mark != last:
+                self.wake.set()
+            last = mark
 
     # ----- schedule ------------------------------------------------------------------------
     def _spec(self, row: WorkloadRow) -> specs.JobSpec:
@@ -134,6 +171,16 @@ class Controller(Dispatcher):
             self._spec_cache[row.id] = hit
         return hit[1]
 
+    def _load_specs(self, s: Session, ids: list[str]) -> None:
+        """Validate the specs of workloads new to this process, a few thousand per statement."""
+        for i in range(0, len(ids), 5000):
+            for wid, spec in s.execute(
+                select(WorkloadRow.id, WorkloadRow.spec).where(WorkloadRow.id.in_(ids[i : i + 5000]))
+            ):
+                if len(self._spec_cache) > 200_000:
+                    self._spec_cache.clear()
+                self._spec_cache[wid] = (spec, specs.spec_from_dict(spec, source=f"workload {wid}"))
+
     def schedule_once(self, now: float | None = None) -> CycleResult | None:
         """Snapshot (one short transaction), decide (no transaction: SQLite has one writer and
         submissions must not wait for the scheduler), persist (a second transaction that drops
@@ -143,15 +190,17 @@ class Controller(Dispatcher):
             mark = _fingerprint(s)
             if mark == self._last_mark and now - self._last_pass < FULL_PASS_EVERY:
                 return None  # nothing changed since a pass that saw this very state
-            rows = list(
-                s.scalars(
-                    select(WorkloadRow)
-                    .options(_NO_SPEC)
-                    .where(WorkloadRow.phase.in_(("pending", "scheduled", "running")))
+            # Plain columns, not ORM objects: building 10,000 of those was most of a pass.
+            rows: list[Any] = list(
+                s.execute(
+                    select(*_SNAPSHOT_COLUMNS).where(
+                        WorkloadRow.phase.in_(("pending", "scheduled", "running"))
+                    )
                 )
             )
             if not any(r.phase == "pending" and not r.cancel_requested for r in rows):
                 return None
+            self._load_specs(s, [r.id for r in rows if r.id not in self._spec_cache])
             runs = _active_runs(s, [r.id for r in rows])
             self._policies = project_policies(s)
             workloads = [w for r in rows if (w := self._workload(r, runs.get(r.id, []), now)) is not None]
@@ -174,7 +223,9 @@ class Controller(Dispatcher):
                 self.wake.set()  # decide again on what is there now
                 result = replace(result, binds=(), evictions=())
             # Only the waiting workloads whose reason changed are loaded and written.
-            changed = [wid for wid, why in result.pending.items() if wid in said and said[wid] != why.message]
+            changed = [
+                wid for wid, (_, message) in _words(result).items() if wid in said and said[wid] != message
+            ]
             pending: dict[str, WorkloadRow] = {}
             for i in range(0, len(changed), 5000):
                 q = select(WorkloadRow).options(_NO_SPEC).where(WorkloadRow.id.in_(changed[i : i + 5000]))
@@ -274,162 +325,30 @@ class Controller(Dispatcher):
             row.reason_code = row.reason = None
             where = ", ".join(f"task {b.task_index} on {b.node} GPUs {list(b.devices)}" for b in binds)
             transition(s, row, "scheduled", f"attempt {row.attempt}: {where}", now)
-        for wid, reason in result.pending.items():
-            waiting = rows.get(wid)
-            if waiting is not None and waiting.phase == "pending" and waiting.reason != reason.message:
+        for wid, waiting in rows.items():
+            reason = result.pending.get(wid)
+            if reason is not None and waiting.phase == "pending" and waiting.reason != reason.message:
                 waiting.reason_code, waiting.reason = reason.code.value, reason.message
         put_state(s, "fair_shares", {n: r.gpu for n, r in result.fair_shares.items()})
 
-    # ----- reconcile -----------------------------------------------------------------------
-    def reconcile_once(self) -> None:
-        self.backend.kill_overdue()
-        with self.db.session() as s:
-            live = s.scalars(select(TaskRunRow).where(TaskRunRow.state.in_(LIVE_RUNS))).all()
-            self._live_runs = len(live)
-            touched: set[str] = set()
-            for r in live:
-                try:
-                    st = self.backend.status(r.handle)
-                except EngineUnavailable:
-                    continue  # its engine is away: the task may well still run; ask again later
-                except BackendError as exc:
-                    # The engine cannot tell (a handle it does not understand): nothing will
-                    # ever say more, so the task counts as lost and its workload runs again.
-                    event(s, r.workload_id, "error", f"task {r.task_index}: {exc}")
-                    r.state, r.finished_at = "lost", time.time()
-                    touched.add(r.workload_id)
-                    continue
-                if st.devices is not None and list(st.devices) != list(r.devices):
-                    r.devices = list(st.devices)  # the engine picked them (Slurm's GRES)
-                if st.state is TaskState.RUNNING:
-                    continue
-                r.exit_code = st.exit_code if st.state is TaskState.EXITED else None
-                r.finished_at = st.finished_at or time.time()
-                r.state = "exited" if st.state is TaskState.EXITED else "lost"
-                how = f"exit code {st.exit_code}" if st.exit_code is not None else f"signal {st.signal}"
-                event(s, r.workload_id, "exit", f"task {r.task_index} ended: {how}")
-                touched.add(r.workload_id)
-            self._checkpoints_and_limits(s)
-            active = s.scalars(
-                select(WorkloadRow).where(WorkloadRow.phase.in_(("scheduled", "running")))
-            ).all()
-            for w in active:
-                self._finish_if_done(s, w)
 
-    def _checkpoints_and_limits(self, s: Session) -> None:
-        now = time.time()
-        for w in s.scalars(select(WorkloadRow).where(WorkloadRow.phase == "running")):
-            marker = Path(w.checkpoint_dir) / ".aifab" / "checkpoint.json"
-            if marker.exists():
-                try:
-                    saved = float(json.loads(marker.read_text())["time"])
-                except (ValueError, KeyError, OSError):
-                    saved = None
-                if saved is not None and (w.last_checkpoint_time or 0) < saved:
-                    w.last_checkpoint_time = saved
-            limit = self._policy(s, w.project).runtime_cap(self._spec(w).max_runtime)
-            if limit and w.start_time and now - w.start_time > limit and w.reason_code != "max_runtime":
-                w.reason_code, w.reason = "max_runtime", f"ran longer than its max runtime of {limit:.0f} s"
-                self._stop_attempt(s, w)
-                event(s, w.id, "stop", w.reason, now)
+_SNAPSHOT_COLUMNS = (
+    WorkloadRow.id,
+    WorkloadRow.phase,
+    WorkloadRow.attempt,
+    WorkloadRow.cancel_requested,
+    WorkloadRow.reason,
+    WorkloadRow.submit_time,
+    WorkloadRow.start_time,
+    WorkloadRow.last_checkpoint_time,
+)
 
-    def _stop_attempt(self, s: Session, w: WorkloadRow) -> None:
-        for r in s.scalars(
-            select(TaskRunRow).where(TaskRunRow.workload_id == w.id, TaskRunRow.attempt == w.attempt)
-        ):
-            if r.state in ("bound", "launching", "running"):
-                r.state = "evicting"  # dispatch stops it with the grace period
 
-    def _finish_if_done(self, s: Session, w: WorkloadRow) -> None:
-        runs = s.scalars(
-            select(TaskRunRow).where(TaskRunRow.workload_id == w.id, TaskRunRow.attempt == w.attempt)
-        ).all()
-        if not runs:
-            return
-        ended = [r for r in runs if r.state in ("exited", "lost")]
-        if len(ended) < len(runs):
-            if w.cancel_requested or w.reason_code in (PREEMPTING, "gang_failed", "max_runtime", NODE_LOST):
-                return  # already being stopped
-            lost = [r for r in ended if r.state == "lost"]
-            failed = [r for r in ended if r.state == "exited" and r.exit_code != 0]
-            if lost:
-                # Not the workload's fault: stop the rest of the gang and run it again whole.
-                w.reason_code, w.reason = (
-                    NODE_LOST,
-                    f"task {lost[0].task_index} was lost with node {lost[0].node}; stopping the gang",
-                )
-            elif failed:
-                # One member of a gang died: tear the rest down, then retry or fail it as a whole.
-                w.reason_code, w.reason = (
-                    "gang_failed",
-                    f"task {failed[0].task_index} failed; stopping the gang",
-                )
-            else:
-                return
-            self._stop_attempt(s, w)
-            event(s, w.id, "stop", w.reason)
-            return
-        now = time.time()
-        spec = self._spec(w)
-        gpus = sum(r.gpu_milli * len(r.devices) for r in runs) / 1000
-        self._release(runs)
-        if w.cancel_requested:
-            w.end_time = now
-            transition(s, w, "cancelled", "cancelled; all tasks stopped", now)
-        elif w.reason_code == PREEMPTING:
-            since = max(w.start_time or now, w.last_checkpoint_time or 0)
-            w.lost_gpu_seconds += max(0.0, now - since) * gpus
-            transition(s, w, "preempted", w.reason or "preempted", now)
-            self._requeue(s, w, now, "requeued after preemption; resumes from its checkpoint directory")
-        elif w.reason_code == NODE_LOST or (
-            any(r.state == "lost" for r in runs) and w.reason_code not in ("gang_failed", "max_runtime")
-        ):
-            gone = next((r for r in runs if r.state == "lost"), runs[0])
-            since = max(w.start_time or now, w.last_checkpoint_time or 0)
-            w.lost_gpu_seconds += max(0.0, now - since) * gpus
-            self._requeue(
-                s,
-                w,
-                now,
-                f"requeued: task {gone.task_index} was lost with node {gone.node} (its node or engine "
-                "went away); resumes from its checkpoint directory",
-            )
-        elif all(r.exit_code == 0 for r in runs) and w.reason_code != "max_runtime":
-            w.end_time, w.reason_code, w.reason = now, None, None
-            transition(s, w, "succeeded", "all tasks exited with code 0", now)
-        else:
-            w.failures += 1
-            why = w.reason or ", ".join(
-                f"task {r.task_index} exit {r.exit_code}" for r in runs if r.exit_code != 0
-            )
-            retries = max(int(spec.retries), self._policy(s, w.project).retries)
-            if w.failures <= retries and w.reason_code != "max_runtime":
-                self._requeue(s, w, now, f"failed ({why}); retry {w.failures} of {retries}")
-            else:
-                w.end_time = now
-                transition(s, w, "failed", why or "failed", now)
-
-    def _release(self, runs: Sequence[TaskRunRow]) -> None:
-        """The attempt is over: engines that keep per-task state (Ray's actors and placement
-        groups) may forget it. Logs stay readable; a failed release is retried by nobody, so
-        it must not fail the attempt."""
-        for r in runs:
-            if r.handle:
-                try:
-                    self.backend.release(r.handle)
-                except BackendError:
-                    continue
-
-    def _policy(self, s: Session, project: str) -> Policies:
-        got = self._policies.get(project)
-        if got is None:
-            self._policies = project_policies(s)
-            got = self._policies.get(project, Policies())
-        return got
-
-    def _requeue(self, s: Session, w: WorkloadRow, now: float, message: str) -> None:
-        w.queued_at, w.start_time, w.reason_code, w.reason = now, None, None, None
-        transition(s, w, "pending", message, now)
+def _words(result: CycleResult) -> Mapping[str, tuple[ReasonCode, str]]:
+    """Every waiting workload's (code, message), without making a PendingReason for each."""
+    if isinstance(result.pending, Reasons):
+        return result.pending.load()
+    return {wid: (r.code, r.message) for wid, r in result.pending.items()}
 
 
 def _fingerprint(s: Session) -> tuple[Any, ...]:

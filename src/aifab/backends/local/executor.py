@@ -51,6 +51,7 @@ from aifab.backends.base import (
     TaskState,
     TaskStatus,
 )
+from aifab.backends.ends import ENDS_FILE, journal_mark
 
 WRAPPER_MODULE = "aifab.backends.local.wrapper"
 HANDLE_VERSION = 1
@@ -209,6 +210,10 @@ class LocalBackend:
     def inventory(self) -> list[NodeInfo]:
         return [self.node]
 
+    def exit_mark(self) -> int:
+        """Changes whenever one of this backend's tasks ends (see :mod:`aifab.backends.ends`)."""
+        return journal_mark(self.root / ENDS_FILE)
+
     # -- launch -----------------------------------------------------------------------------
 
     def launch(self, req: LaunchRequest) -> Handle:
@@ -224,7 +229,7 @@ class LocalBackend:
         env = _child_env(req)
         _check_command(req.command, req.workdir, env)
         log_path = Path(req.log_path) if req.log_path else files.default_log
-        _claim(files, req, env)
+        _claim(files, req, env, self.root / ENDS_FILE)
         try:
             proc = _spawn_wrapper(files.spec, log_path)
         except OSError as exc:
@@ -357,7 +362,7 @@ def _previous_handle(files: _TaskFiles, req: LaunchRequest) -> Handle | None:
     return None
 
 
-def _claim(files: _TaskFiles, req: LaunchRequest, env: Mapping[str, str]) -> None:
+def _claim(files: _TaskFiles, req: LaunchRequest, env: Mapping[str, str], ends: Path) -> None:
     """Write the wrapper's spec. O_EXCL makes it a claim: two concurrent launches of one task
     cannot both start it."""
     spec = {
@@ -366,6 +371,7 @@ def _claim(files: _TaskFiles, req: LaunchRequest, env: Mapping[str, str]) -> Non
         "env": dict(env),
         "exit_path": str(files.exit),
         "stop_path": str(files.stop),
+        "ends_path": str(ends),
     }
     files.spec.parent.mkdir(parents=True, exist_ok=True)
     try:

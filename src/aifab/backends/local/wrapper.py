@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from aifab.backends.ends import note_end
 from aifab.backends.local.executor import exit_record, group_members, write_json_atomic
 
 EXIT_CANNOT_RUN = 126  # the shell's codes, so users read them as they would from a shell
@@ -39,6 +40,7 @@ class Spec:
     env: dict[str, str]
     exit_path: Path
     stop_path: Path
+    ends_path: str | None = None  # the backend's ends journal (specs written before it had none)
 
     @classmethod
     def load(cls, path: Path) -> Spec:
@@ -49,6 +51,7 @@ class Spec:
             env={str(k): str(v) for k, v in raw["env"].items()},
             exit_path=Path(raw["exit_path"]),
             stop_path=Path(raw["stop_path"]),
+            ends_path=raw.get("ends_path"),
         )
 
 
@@ -139,6 +142,7 @@ class Supervisor:
     def finish(self, returncode: int) -> int:
         _kill_stragglers()
         write_json_atomic(self.spec.exit_path, exit_record(returncode))
+        note_end(self.spec.ends_path)
         return returncode if returncode >= 0 else SIGNAL_EXIT_BASE - returncode
 
 

@@ -33,6 +33,7 @@ Ray picks the GPU ids on the node (``engine_assigns_devices``): the task sees Ra
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import threading
 import time
@@ -52,7 +53,7 @@ from aifab.backends.base import (
 )
 from aifab.backends.ray import cluster, gang
 from aifab.backends.ray.agent import Agents
-from aifab.backends.ray.records import Records, gang_key, task_key, task_prefix, task_record
+from aifab.backends.ray.records import ENDS_KEY, Records, gang_key, task_key, task_prefix, task_record
 from aifab.backends.ray.tasks import (
     HANDLE_VERSION,
     TaskRef,
@@ -114,6 +115,7 @@ class RayBackend:
         self.log_dir = log_dir
         self._records = Records(namespace, call_timeout)
         self._view = ClusterView(self._records, call_timeout)
+        self._ends_mark = ""
         self._lock = threading.Lock()
         self._agents = Agents(call_timeout)
         self._deadlines: dict[str, _Deadline] = {}  # task key → SIGKILL deadline of a stop sent here
@@ -123,6 +125,16 @@ class RayBackend:
         cluster.connect(self.address, self.namespace, self.call_timeout)
 
     # -- inventory ----------------------------------------------------------------------------
+
+    def exit_mark(self) -> str:
+        """Changes whenever one of this backend's tasks ends (see :mod:`aifab.backends.ends`):
+        the runners overwrite one record at every end."""
+        self._connect()
+        mark = json.dumps(self._records.get(ENDS_KEY), sort_keys=True)
+        if mark != self._ends_mark:
+            self._ends_mark = mark
+            self._view.refresh()
+        return mark
 
     def inventory(self) -> list[NodeInfo]:
         self._connect()

@@ -50,6 +50,9 @@ def gang_key(workload_id: str, attempt: int) -> str:
     return f"{workload_id}/{attempt}"
 
 
+ENDS_KEY = "ends"  # the last task end recorded: changes at every end (see aifab.backends.ends)
+
+
 def task_record(key: str, kind: str) -> str:
     """The key of one of a task's records: kind is handle, start, stop or exit."""
     return f"task/{key}/{kind}"

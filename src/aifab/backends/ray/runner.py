@@ -34,7 +34,7 @@ import ray
 
 from aifab.backends.base import EngineUnavailable
 from aifab.backends.ray import gang
-from aifab.backends.ray.records import Records, task_prefix, task_record
+from aifab.backends.ray.records import ENDS_KEY, Records, task_prefix, task_record
 
 EXIT_CANNOT_RUN = 126  # the shell's codes, as the local backend reports them
 EXIT_NOT_FOUND = 127
@@ -239,6 +239,9 @@ class _Runner:
                 self.records.delete(task_prefix(self.key), prefix=True)
             return None
         recorded = self.records.add_persistently(task_record(self.key, "exit"), end, RECORD_PATIENCE_S)
+        if recorded:  # a hint for the control plane to look now (aifab.backends.ends)
+            with contextlib.suppress(EngineUnavailable):
+                self.records.put(ENDS_KEY, {"key": self.key, "at": end["finished_at"]})
         if recorded and self.spec["gang"] is not None:
             # Last: removing the group ends the worker that runs this very task.
             with contextlib.suppress(Exception):  # the backend's status() retries this

@@ -69,6 +69,11 @@ class ClusterView:
         found = self._records.get_many([task_record(k, kind) for k in keys for kind in ("start", "exit")])
         return {k: (found.get(task_record(k, "start")), found.get(task_record(k, "exit"))) for k in keys}
 
+    def refresh(self) -> None:
+        """A task ended: the next ``status`` reads the records again, whatever their age."""
+        with self._lock:
+            self._fetched_at = -1e9
+
     def watch(self, key: str) -> None:
         """A task just launched: read with the next burst, not on its own."""
         with self._lock:

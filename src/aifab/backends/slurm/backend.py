@@ -8,7 +8,10 @@ outcome is known after slurmctld forgets the job (there is no slurmdbd to ask).
 Status semantics (``status``):
 
 * the supervisor's exit record exists → EXITED with its exit code / signal;
-* Slurm holds the job pending or running → RUNNING (with ``devices`` once it has GPUs);
+* Slurm holds the job pending or running → RUNNING (with ``devices`` once it has GPUs), except
+  a job still pending for its node while that node cannot run work (drained or down before the
+  job started: it would wait until someone brings the node back): the job is cancelled and
+  the task reads as lost (UNKNOWN, recorded), so the control plane places it again elsewhere;
 * Slurm says the job ended but the supervisor wrote nothing (it never started, or was killed
   outright) → EXITED with what Slurm's record says (a cancel reads as SIGTERM, a time or memory
   limit as SIGKILL), written to the exit file so every later reader sees the same answer;
@@ -48,8 +51,9 @@ from aifab.backends.base import (
     TaskState,
     TaskStatus,
 )
+from aifab.backends.ends import ENDS_FILE, journal_mark
 from aifab.backends.slurm import jobscript, parse
-from aifab.backends.slurm.commands import JobTable, SlurmCli, SlurmTimeout
+from aifab.backends.slurm.commands import NOT_READ_YET, JobTable, SlurmCli, SlurmTimeout
 from aifab.backends.slurm.records import (
     Task,
     TaskFiles,
@@ -101,7 +105,7 @@ class SlurmBackend:
         default_memory_mib: int = 1024,
         sbatch_args: Sequence[str] = (),
         command_timeout_s: float = 30.0,
-        status_cache_s: float = 0.5,
+        status_cache_s: float = 2.0,
     ) -> None:
         if not python or any(ch.isspace() for ch in python):
             raise BackendError(f"the batch script's interpreter must be a path without spaces: {python!r}")
@@ -124,6 +128,10 @@ class SlurmBackend:
         self._deadlines_loaded = False
 
     # -- inventory --------------------------------------------------------------------------
+
+    def exit_mark(self) -> int:
+        """Changes whenever one of this backend's jobs ends (see :mod:`aifab.backends.ends`)."""
+        return journal_mark(self.state_dir / ENDS_FILE)
 
     def inventory(self) -> list[NodeInfo]:
         """The usable nodes of the partition (all partitions when None). Nodes that are down,
@@ -212,6 +220,7 @@ class SlurmBackend:
             "env": dict(req.env),
             "start_path": str(files.start),
             "exit_path": str(files.exit),
+            "ends_path": str(self.state_dir / ENDS_FILE),
         }
         for stale in (files.start, files.exit, files.stop):
             stale.unlink(missing_ok=True)  # left by a job that never got a handle
@@ -254,12 +263,16 @@ class SlurmBackend:
         ended = read_record(task.exit_path, task.job_id)
         if ended is not None:
             return exited(ended, start)
-        job = self.jobs.lookup(task.job_id)
+        job = self.jobs.lookup(task.job_id, _number(handle.get("submitted_at")))
+        if job is NOT_READ_YET:  # submitted since Slurm's table was read: queued or running
+            return TaskStatus(TaskState.RUNNING, devices=devices_of(start))
         state = str(job.get("job_state", "")).upper() if job is not None else ""
         if job is not None and state in parse.LIVE_JOB_STATES:
             ended = read_record(task.exit_path, task.job_id) if state == "COMPLETING" else None
             if ended is not None:
                 return exited(ended, start)
+            if state == "PENDING" and start is None and self._stranded(job):
+                return self._give_up_stranded(task, job)
             return TaskStatus(TaskState.RUNNING, devices=self._devices(task, job, start))
         # Ended, or forgotten: the supervisor may have written its record since the first look.
         start = read_record(task.start_path, task.job_id)
@@ -278,6 +291,24 @@ class SlurmBackend:
             record = {"exit_code": None, "signal": _SIGKILL, "finished_at": time.time()}
             return exited(persist_inferred(task, record), start)
         return TaskStatus(TaskState.UNKNOWN)
+
+    def _stranded(self, job: dict[str, Any]) -> bool:
+        """Slurm holds the job for a node of its that cannot run work now (its own inventory
+        leaves such a node out): it will not start before someone resumes the node."""
+        if str(job.get("state_reason") or "") not in parse.NODE_UNAVAILABLE_REASONS:
+            return False
+        required = {n for n in str(job.get("required_nodes") or "").split(",") if n}
+        usable = {str(raw.get("name")) for raw in self.cli.nodes() if parse.node_is_usable(raw)}
+        return bool(required - usable)
+
+    def _give_up_stranded(self, task: Task, job: dict[str, Any]) -> TaskStatus:
+        """Cancel a job stranded on its node, then record the task lost (in that order: a job
+        left in the queue would start, and run twice, once the node is back)."""
+        if not self.cli.cancel([task.job_id]):
+            return TaskStatus(TaskState.RUNNING)  # it ended meanwhile: the next look says how
+        why = str(job.get("state_description") or job.get("state_reason"))
+        record = {"exit_code": None, "signal": None, "finished_at": time.time(), "lost": True}
+        return exited(persist_inferred(task, {**record, "slurm_state": f"PENDING ({why})"}), None)
 
     def _devices(
         self, task: Task, job: dict[str, Any], start: dict[str, Any] | None
@@ -386,3 +417,7 @@ class SlurmBackend:
 # -- helpers -----------------------------------------------------------------------------------
 
 _SUPERVISOR_SOURCE = Path(jobscript.__file__).read_text()
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) else None

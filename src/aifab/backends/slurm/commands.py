@@ -93,10 +93,9 @@ class SlurmCli:
             raise BackendError(f"{' '.join(args)} printed no JSON: {done.stdout[:200]!r}") from exc
         errors = data.get("errors") or []
         if errors:
-            described = "; ".join(f"{e.get('source', '')}: {e.get('description', e)}" for e in errors)
-            raise EngineUnavailable(
-                f"{args[0]}: slurmctld cannot be reached ({described}) {done.stderr.strip()}"
-            )
+            described = "; ".join(_error_text(e) for e in errors)
+            stderr = f": {_last_line(done.stderr)}" if done.stderr.strip() else ""
+            raise EngineUnavailable(f"{args[0]}: slurmctld cannot be reached ({described}){stderr}")
         return dict(data)
 
     def nodes(self) -> list[dict[str, Any]]:
@@ -132,19 +131,25 @@ class SlurmCli:
         return done.stdout if done.returncode == 0 else ""
 
 
+NOT_READ_YET: dict[str, Any] = {}  # lookup(): the table was read before the job was submitted
+
+
 class JobTable:
     """One ``squeue --json`` answers every ``status`` call of a burst (the control plane asks
-    about all its tasks in one reconcile pass): the table is reused for ``ttl_s`` seconds, and
-    re-read at most once per lookup for a job it lacks (submitted after the table was read)."""
+    about all its tasks in one reconcile pass): the table is reused for ``ttl_s`` seconds. A job
+    missing from it is looked up again at once, unless it was submitted after the table was
+    read (then :data:`NOT_READ_YET`): with jobs submitted on every pass, re-reading for each new
+    one meant a ``squeue --json`` (and parsing Slurm's verbose JSON) on nearly every pass."""
 
-    def __init__(self, cli: SlurmCli, ttl_s: float = 0.5) -> None:
+    def __init__(self, cli: SlurmCli, ttl_s: float = 2.0) -> None:
         self.cli = cli
         self.ttl_s = ttl_s
         self._lock = threading.Lock()
         self._jobs: dict[str, dict[str, Any]] = {}
         self._read_at = float("-inf")
+        self._read_wall = float("-inf")  # time.time() just before the last read
 
-    def lookup(self, job_id: str) -> dict[str, Any] | None:
+    def lookup(self, job_id: str, submitted_at: float | None = None) -> dict[str, Any] | None:
         with self._lock:
             fresh = False
             if time.monotonic() - self._read_at > self.ttl_s:
@@ -152,6 +157,8 @@ class JobTable:
                 fresh = True
             job = self._jobs.get(job_id)
             if job is None and not fresh:
+                if submitted_at is not None and submitted_at > self._read_wall:
+                    return NOT_READ_YET
                 self._refresh()
                 job = self._jobs.get(job_id)
             return job
@@ -168,9 +175,19 @@ class JobTable:
             return None
 
     def _refresh(self) -> None:
+        self._read_wall = time.time()
         jobs = self.cli.jobs()
         self._jobs = {str(j["job_id"]): j for j in jobs if "job_id" in j}
         self._read_at = time.monotonic()
+
+
+def _error_text(error: Any) -> str:
+    """One item of the ``errors`` list of Slurm's JSON output, for a person: 22.05 writes
+    ``{"error": "Unspecified error", "errno": -1}``, later versions add a source and a description."""
+    if not isinstance(error, dict):
+        return str(error)
+    text = str(error.get("description") or error.get("error") or f"error {error.get('errno')}")
+    return f"{error['source']}: {text}" if error.get("source") else text
 
 
 def _last_line(text: str) -> str:

@@ -14,7 +14,8 @@ its one argument. On the compute node it:
   alone, so the command sees each signal once) and turns SIGUSR2 into SIGKILL for it: Slurm
   itself treats ``scancel --signal=KILL`` as a cancel (SIGTERM, then SIGKILL after KillWait);
 * writes how the command ended (exit code or signal) to the exit file: Slurm forgets the job
-  MinJobAge seconds after it ends, and without slurmdbd ``sacct`` cannot tell it later.
+  MinJobAge seconds after it ends, and without slurmdbd ``sacct`` cannot tell it later; then
+  appends a byte to the backend's ends journal, so the control plane looks at once.
 
 It exits with the command's code (128 + N after signal N), so Slurm's own record agrees.
 Nothing here may import aifab: the compute node needs only a Python 3 and the shared folder.
@@ -128,6 +129,7 @@ class Supervisor:
         self.env = {str(k): str(v) for k, v in spec["env"].items()}
         self.start_path = Path(spec["start_path"])
         self.exit_path = Path(spec["exit_path"])
+        self.ends_path = spec.get("ends_path")  # aifab.backends.ends: the end, as a hint
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.child: subprocess.Popen[bytes] | None = None
         self.early_signals: list[int] = []
@@ -219,6 +221,9 @@ class Supervisor:
             },
             replace=False,
         )
+        if self.ends_path:  # one byte, O_APPEND (the same as aifab.backends.ends.note_end)
+            with contextlib.suppress(OSError), open(self.ends_path, "ab") as journal:
+                journal.write(b".")
         return returncode if returncode >= 0 else SIGNAL_EXIT_BASE - returncode
 
 

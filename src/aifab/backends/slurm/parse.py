@@ -56,6 +56,8 @@ LIVE_JOB_STATES = frozenset(
         "STOPPED",
     }
 )
+# Why Slurm holds a pending job for a node that cannot run it (drained, down, not responding).
+NODE_UNAVAILABLE_REASONS = frozenset({"ReqNodeNotAvail", "NodeDown"})
 # The job was lost with its node (or taken by Slurm for other work): not the task's doing, so
 # the task reads as lost (UNKNOWN) and the control plane runs it again without counting a failure.
 LOST_JOB_STATES = frozenset({"NODE_FAIL", "BOOT_FAIL", "PREEMPTED"})
