@@ -95,7 +95,10 @@ def listing(s: Session) -> list[dict[str, Any]]:
         u[2] += mem
     unreachable = _pool_errors(s)
     out = []
-    for r in s.scalars(select(NodeRow).order_by(NodeRow.name)):
+    rows = list(s.scalars(select(NodeRow).order_by(NodeRow.name)))
+    for pool in sorted(set(unreachable) - {r.pool for r in rows}):
+        out.append(_unknown_pool(pool, unreachable[pool]))
+    for r in rows:
         u = used.get(r.name, [0.0, 0.0, 0.0])
         out.append(
             {
@@ -114,6 +117,25 @@ def listing(s: Session) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _unknown_pool(pool: str, why: str) -> dict[str, Any]:
+    """A pool whose engine has never answered has no nodes to show; ``aifab nodes`` still says
+    that the pool exists and why it has none (one row named after the pool)."""
+    return {
+        "name": f"({pool})",
+        "pool": pool,
+        "backend": "?",
+        "schedulable": False,
+        "state": f"unreachable: {why}",
+        "gpus": 0,
+        "gpu_model": None,
+        "gpus_in_use": 0.0,
+        "cpu": 0.0,
+        "cpu_in_use": 0.0,
+        "memory_mib": 0,
+        "virtual_gpus": False,
+    }
 
 
 def _pool_errors(s: Session) -> dict[str, str]:
