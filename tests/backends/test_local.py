@@ -354,6 +354,25 @@ def test_recycled_pid_is_not_mistaken_for_the_task(
         stranger.wait()
 
 
+def test_a_stepped_system_clock_does_not_make_a_live_task_look_ended(
+    backend: LocalBackend, tmp_path: Path
+) -> None:
+    """Wall-clock creation times move when the clock is stepped (psutil adds the boot time, which
+    the kernel derives from the clock): a live wrapper is known by its start in ticks since boot."""
+    handle = backend.launch(request(tmp_path, SLEEPS))
+    try:
+        stepped = {**handle, "create_time": handle["create_time"] + 30.0}  # as after a 30 s clock step
+        assert backend.status(stepped).state == TaskState.RUNNING
+        assert backend.status(handle).state == TaskState.RUNNING  # and nothing was signalled
+        # A different process at that pid (a recycled number) is still a stranger.
+        other = {k: str(tmp_path / f"other.{k}") for k in ("spec_path", "exit_path", "stop_path")}
+        stranger = {**handle, **other, "start_ticks": handle["start_ticks"] + 1}
+        assert backend.status(stranger).state != TaskState.RUNNING
+    finally:
+        backend.stop(handle, grace_seconds=0)
+        wait_for_end(backend, handle)
+
+
 def test_stragglers_are_killed_when_the_command_ends(backend: LocalBackend, tmp_path: Path) -> None:
     code = f"import subprocess; print(subprocess.Popen([{PY!r}, '-c', {SLEEPS!r}]).pid, flush=True)"
     handle = backend.launch(request(tmp_path, code))

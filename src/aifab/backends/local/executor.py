@@ -136,6 +136,7 @@ class _Task:
     exit_path: Path
     stop_path: Path
     log_path: Path
+    start_ticks: int | None = None  # handles written before it was recorded have none
 
     @classmethod
     def of(cls, handle: Handle) -> _Task:
@@ -151,6 +152,7 @@ class _Task:
                 exit_path=Path(handle["exit_path"]),
                 stop_path=Path(handle["stop_path"]),
                 log_path=Path(handle["log_path"]),
+                start_ticks=int(handle["start_ticks"]) if handle.get("start_ticks") is not None else None,
             )
         except (TypeError, ValueError) as exc:
             raise BackendError(f"malformed local-backend handle: {exc}") from exc
@@ -424,6 +426,7 @@ def _handle(req: LaunchRequest, proc: subprocess.Popen[bytes], files: _TaskFiles
         "pid": proc.pid,
         "pgid": proc.pid,  # start_new_session makes the wrapper its group's leader
         "create_time": create_time,
+        "start_ticks": _start_ticks(proc.pid),
         "started_at": time.time(),
         "spec_path": str(files.spec),
         "exit_path": str(files.exit),
@@ -439,11 +442,27 @@ def _same_start(a: float, b: float) -> bool:
     return abs(a - b) <= _CREATE_TIME_TOLERANCE_S
 
 
+def _start_ticks(pid: int) -> int | None:
+    """When the process started, in clock ticks since boot (``/proc/<pid>/stat``, field 22).
+    Unlike psutil's wall-clock creation time (boot time + ticks), it does not move when the
+    system clock is stepped: a stepped clock must never make a live wrapper look like a stranger
+    (its task would be settled as killed). None where there is no such file."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_bytes()
+        return int(raw[raw.rindex(b")") + 2 :].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _is_our_wrapper(proc: psutil.Process, task: _Task) -> bool:
     """True if ``proc`` is this task's wrapper, not a process that was given a recycled pid.
     Raises psutil.AccessDenied when that cannot be told (another user's process)."""
     try:
-        if not _same_start(proc.create_time(), task.create_time):
+        ticks = _start_ticks(proc.pid) if task.start_ticks is not None else None
+        if ticks is not None:
+            if ticks != task.start_ticks:
+                return False
+        elif not _same_start(proc.create_time(), task.create_time):
             return False
         if proc.status() == psutil.STATUS_ZOMBIE:
             return True  # its command line is gone; the creation time has to do
