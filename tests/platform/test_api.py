@@ -133,3 +133,36 @@ def test_admin_revokes_a_users_tokens_through_the_api(platform: Platform) -> Non
     assert platform.api.post("/v1/users/nobody/tokens/revoke").status_code == 404
     actions = [e["action"] for e in platform.api.get("/v1/audit").json()]
     assert actions[0] == "token.revoke"
+
+
+def test_a_requeued_workload_with_hours_of_service_waits_behind_fresh_ones(platform: Platform) -> None:
+    """The default job order is priority, then Tiresias-style least attained service, then
+    FIFO: the control plane counts a requeued workload's earlier runs as attained service."""
+    from sqlalchemy import select
+
+    from aifab.control.db.models import TaskRunRow, WorkloadRow
+
+    make_project(platform, "vision", deserved=2)
+    ids = [
+        platform.api.post("/v1/workloads", json=job(n, "vision", "pass", resources={"gpus": 1})).json()["id"]
+        for n in ("old", "new1", "new2")
+    ]
+    with platform.server.db.session() as s:  # "old" ran 2 GPU-hours before it was preempted
+        old = s.scalars(select(WorkloadRow).where(WorkloadRow.id == ids[0])).one()
+        old.attempt = 1
+        s.add(
+            TaskRunRow(
+                workload_id=ids[0],
+                attempt=1,
+                task_index=0,
+                node="n",
+                gpu_milli=1000,
+                state="exited",
+                started_at=1000.0,
+                finished_at=1000.0 + 7200.0,
+            )
+        )
+    result = platform.server.controller.schedule_once()
+    assert result is not None
+    assert sorted(b.workload_id for b in result.binds) == sorted(ids[1:])  # 2 GPUs: the fresh ones
+    assert ids[0] in result.pending

@@ -189,13 +189,35 @@ def check_invariants(before: ClusterSnapshot, r: CycleResult, quotas: bool = Tru
             assert used_after[q.name] <= max(lim, used_before[q.name]), (q.name, used_after[q.name], lim)
         if before.queues.is_leaf(q.name):
             assert np_after[q.name] <= max(q.deserved.gpu, np_before[q.name]), q.name
-    # Reclaim never takes a victim queue below its fair share.
+    # Reclaim never takes a victim queue below its fair share. The guarantee (reclaim for a job
+    # inside its project's unused deserved quota) takes only from a queue above its deserved
+    # quota at each eviction: at the last one, the queue held at most what it had, plus what
+    # this cycle bound to it, less the guarantee's earlier victims, so that must exceed it.
     preempted = {ws[e.workload_id].queue for e in r.evictions if e.cause is EvictionCause.PREEMPT}
+    by_guarantee: dict[str, int] = {}  # taken by the guarantee, which may go below fair shares
     for e in r.evictions:
-        if e.cause is EvictionCause.RECLAIM:
-            q = ws[e.workload_id].queue
-            if q not in preempted:
-                assert used_after[q] >= r.fair_shares[q].gpu, (q, used_after[q], r.fair_shares[q])
+        if e.cause is EvictionCause.GUARANTEE:
+            w = ws[e.workload_id]
+            by_guarantee[w.queue] = by_guarantee.get(w.queue, 0) + w.allocated.gpu
+    for e in r.evictions:
+        q = ws[e.workload_id].queue
+        if e.cause is EvictionCause.RECLAIM and q not in preempted:
+            kept = used_after[q] + by_guarantee.get(q, 0)
+            assert kept >= r.fair_shares[q].gpu, (q, used_after[q], r.fair_shares[q])
+    bound_to: dict[str, int] = {}
+    for b in r.binds:
+        for q in [ws[b.workload_id].queue, *before.queues.ancestors(ws[b.workload_id].queue)]:
+            bound_to[q] = bound_to.get(q, 0) + max(b.gpu_milli, 1000) * max(1, len(b.devices))
+    taken: dict[str, list[int]] = {}
+    for e in r.evictions:
+        if e.cause is EvictionCause.GUARANTEE:
+            w = ws[e.workload_id]
+            for q in [w.queue, *before.queues.ancestors(w.queue)]:
+                taken.setdefault(q, []).append(w.allocated.gpu)
+    for q, sizes in taken.items():
+        deserved = before.queues.get(q).deserved.gpu
+        most = used_before[q] + bound_to.get(q, 0) - sum(sizes) + max(sizes)
+        assert most > deserved, (q, sizes, used_before[q], deserved)
     # Every pending workload that did not start has a reason.
     for w in before.workloads:
         if w.phase is WorkloadPhase.PENDING and w.id not in by_workload:

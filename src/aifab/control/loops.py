@@ -71,6 +71,7 @@ class Controller(Dispatcher, Reconciler):
         self.last_result: CycleResult | None = None
         self._spec_cache: dict[str, tuple[dict[str, Any], specs.JobSpec]] = {}
         self._base: dict[str, Workload] = {}
+        self._requeued: dict[tuple[str, int], Workload] = {}  # with attained service (requeued)
         # What the store looked like at the last schedule pass (see _fingerprint).
         self._last_mark: tuple[Any, ...] | None = None
         self._last_pass = 0.0
@@ -181,6 +182,25 @@ class Controller(Dispatcher, Reconciler):
                     self._spec_cache.clear()
                 self._spec_cache[wid] = (spec, specs.spec_from_dict(spec, source=f"workload {wid}"))
 
+    def _load_attained(self, s: Session, rows: list[Any]) -> None:
+        """GPU-seconds each requeued workload ran in its earlier attempts (job orders such as
+        priority_las read it), once per (workload, attempt)."""
+        todo = [r for r in rows if (r.id, r.attempt) not in self._requeued]
+        if len(self._requeued) > 200_000:
+            self._requeued.clear()
+        ran = TaskRunRow.gpu_milli * (TaskRunRow.finished_at - TaskRunRow.started_at) / 1000.0
+        for i in range(0, len(todo), 5000):
+            chunk = todo[i : i + 5000]
+            q = (
+                select(TaskRunRow.workload_id, func.sum(ran))
+                .where(TaskRunRow.workload_id.in_([r.id for r in chunk]), TaskRunRow.finished_at.is_not(None))
+                .group_by(TaskRunRow.workload_id)
+            )
+            got = dict(s.execute(q).all())
+            for r in chunk:
+                attained = max(0.0, float(got.get(r.id) or 0.0))
+                self._requeued[(r.id, r.attempt)] = replace(self._base_of(r), attained_gpu_seconds=attained)
+
     def schedule_once(self, now: float | None = None) -> CycleResult | None:
         """Snapshot (one short transaction), decide (no transaction: SQLite has one writer and
         submissions must not wait for the scheduler), persist (a second transaction that drops
@@ -203,6 +223,7 @@ class Controller(Dispatcher, Reconciler):
             self._load_specs(s, [r.id for r in rows if r.id not in self._spec_cache])
             runs = _active_runs(s, [r.id for r in rows])
             self._policies = project_policies(s)
+            self._load_attained(s, [r for r in rows if r.phase == "pending" and r.attempt > 0])
             workloads = [w for r in rows if (w := self._workload(r, runs.get(r.id, []), now)) is not None]
             snapshot = ClusterSnapshot(node_service.core_nodes(s), queue_tree(s), tuple(workloads), now)
             seen = {r.id: (r.phase, r.attempt, r.cancel_requested) for r in rows}
@@ -235,15 +256,23 @@ class Controller(Dispatcher, Reconciler):
         self.last_result = result
         return result
 
-    def _workload(self, row: WorkloadRow, runs: list[TaskRunRow], now: float) -> Workload | None:
+    def _base_of(self, row: WorkloadRow) -> Workload:
         base = self._base.get(row.id)
         if base is None:  # immutable like the spec it comes from: built once per workload
             base = self._for_pools(self._spec(row).to_workload(row.id, row.submit_time))
-            self._base[row.id] = base
             if len(self._base) > 200_000:
                 self._base.clear()
+            self._base[row.id] = base
+        return base
+
+    def _workload(self, row: WorkloadRow, runs: list[TaskRunRow], now: float) -> Workload | None:
+        base = self._base_of(row)
         if row.phase == "pending":
-            return None if row.cancel_requested else base
+            if row.cancel_requested:
+                return None
+            if row.attempt > 0:  # requeued: its earlier runs count as attained service
+                return self._requeued.get((row.id, row.attempt), base)
+            return base
         current = [r for r in runs if r.attempt == row.attempt]
         placements = tuple(
             TaskPlacement(r.task_index, r.node, tuple(r.devices), r.gpu_milli, r.gpu_memory_mib)

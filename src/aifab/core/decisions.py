@@ -23,6 +23,7 @@ class Bind:
 
 class EvictionCause(StrEnum):
     RECLAIM = "reclaim"  # another queue takes back its fair share
+    GUARANTEE = "guarantee"  # another queue takes back its unused deserved quota
     PREEMPT = "preempt"  # higher priority work in the same queue
     CONSOLIDATE = "consolidate"  # moved to defragment; it is re-bound in the same cycle
 

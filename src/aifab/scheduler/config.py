@@ -27,7 +27,7 @@ class SchedulerConfig:
     actions: tuple[str, ...] = ("allocate", "consolidate", "reclaim", "preempt")
     fairness: Fairness = Fairness.FAIR_SHARE
     queue_order: str = "fair_share"  # plugin: which queue allocates next
-    job_order: str = "priority_fifo"  # plugin: order inside a queue
+    job_order: str = "priority_las"  # plugin: order inside a queue (priority, then LAS, then FIFO)
     placement: str = "aifab"  # plugin: node scoring / device choice
     victim_order: str = "cost_aware"  # plugin: which running workload yields first
     backfill: bool = True  # False: a blocked head of line blocks everything behind it

@@ -84,9 +84,14 @@ def is_time_dependent(config: SchedulerConfig) -> bool:
     """Whether a cycle's decisions can change with nothing but the clock moving on.
 
     LAS orders by attained service and SRTF by remaining time, both of which move while jobs
-    run; time-based fairness decays usage with the clock.
+    run: that matters when a pending job may preempt a running one by job order (a pending
+    job's own key does not move while it waits). Time-based fairness decays usage with the
+    clock.
     """
-    return config.job_order in ("las", "srtf") or config.time_fairness_half_life is not None
+    from aifab.scheduler.plugins.orders import KEYS_MOVE_WHILE_RUNNING
+
+    moving = config.preempt_by_job_order and config.job_order in KEYS_MOVE_WHILE_RUNNING
+    return moving or config.time_fairness_half_life is not None
 
 
 class Simulator(SkipRules):
@@ -503,7 +508,7 @@ class Simulator(SkipRules):
             self.counters["failure_evictions"] += 1
         elif cause == EvictionCause.CONSOLIDATE:
             self.counters["moves"] += 1
-        elif cause == EvictionCause.RECLAIM:
+        elif cause in (EvictionCause.RECLAIM, EvictionCause.GUARANTEE):
             self.counters["reclaims"] += 1
             self.counters["preemptions"] += 1
         else:

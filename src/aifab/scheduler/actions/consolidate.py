@@ -215,6 +215,7 @@ def reclaim_with_moves(
     victims: Iterable[RunJob],
     guard: Callable[[RunJob], bool],
     why: Callable[[RunJob], str],
+    cause: EvictionCause = EvictionCause.RECLAIM,
 ) -> bool:
     """Reclaim for a multi-GPU task when no node can be freed by eviction alone.
 
@@ -234,7 +235,7 @@ def reclaim_with_moves(
         if sess.total_free_milli >= pj.req[0]:
             break
         if guard(j):
-            stmt.evict(j, EvictionCause.RECLAIM, why(j), pj.w.id)
+            stmt.evict(j, cause, why(j), pj.w.id)
             evicted.append(j)
     if sess.total_free_milli < pj.req[0]:
         stmt.rollback()
@@ -261,7 +262,7 @@ def reclaim_with_moves(
         more = next((j for j in pool if guard(j)), None)  # not enough room: one more victim
         if more is None:
             break
-        stmt.evict(more, EvictionCause.RECLAIM, why(more), pj.w.id)
+        stmt.evict(more, cause, why(more), pj.w.id)
         evicted.append(more)
     stmt.rollback()
     return False

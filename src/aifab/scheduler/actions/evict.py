@@ -9,6 +9,14 @@ if the gang is placed; otherwise roll everything back.
   victim is valid only if its queue (and each of its ancestors not shared with the reclaimer)
   stays at or above its fair share afterwards. Pending jobs that fit in their queue's unused
   deserved quota (the quota promise) are tried first.
+- guarantee: when that fails for a job that fits in its queue's unused deserved quota (and
+  in each of its ancestors'), the job may also evict from queues above their *deserved*
+  quota, a victim being valid only if its queue (and each ancestor not shared) stays at or
+  above its deserved quota afterwards. Fair shares move with demand in steps of whole jobs, so
+  the queues above their fair share may hold only workloads bigger than their excess (one
+  GPU over, eight-GPU jobs): without this a deserved quota would be a guarantee only while
+  someone happens to run a small enough job. The reclaimer stays within its deserved quota,
+  so it is never a victim of fair-share reclaim in turn (no ping-pong).
 - preempt: inside one queue, a higher-priority workload evicts lower-priority ones.
 """
 
@@ -30,7 +38,7 @@ from aifab.scheduler.fit import WHOLE
 from aifab.scheduler.jobs import I64, LeafJobs, PendingJob, code_bytes, code_table
 from aifab.scheduler.placer import eligible, place_workload, task_order
 from aifab.scheduler.search import BoolArr, first_match, not_failed, waiting_for_room, within_mask
-from aifab.scheduler.session import QueueState, RunJob, Session, Statement
+from aifab.scheduler.session import QueueState, RunJob, Session, Statement, Vec
 
 MAX_TRIES = 5  # placement tries per pending gang, evicting twice as much each time
 _ROOM_CODES = code_table(CAPACITY_CODES)
@@ -40,7 +48,7 @@ _ROOM = code_bytes(CAPACITY_CODES)
 def reclaim(ctx: Context) -> None:
     if ctx.config.fairness is not Fairness.FAIR_SHARE:
         return  # static quotas never lend; without queues there is nothing to reclaim
-    if not any(q.allocated[0] > q.fair[0] for q in ctx.leaves):
+    if not any(q.allocated[0] > min(q.fair[0], q.deserved[0]) for q in ctx.leaves):
         return  # nobody borrows: nothing can be reclaimed
     budget = [ctx.config.max_eviction_attempts]
     by_leaf = _victims_by_leaf(ctx)
@@ -67,13 +75,14 @@ def reclaim(ctx: Context) -> None:
         ) -> BoolArr:
             """Conservative: jobs the loop below would pass over in the current state are dropped."""
             g = jobs.group.g[idx]
-            lent = sum(
-                q.allocated[0] - q.fair[0] for q in ctx.leaves if q is not leaf and q.allocated[0] > q.fair[0]
-            )
+            free = ctx.sess.total_free_milli
             keep = waiting_for_room(jobs, idx, _ROOM_CODES)
             keep &= (leaf.allocated[0] + g <= leaf.fair[0]) | (g <= 0)
             keep &= within_mask(leaf, (g, jobs.group.c[idx], jobs.group.m[idx]))
-            keep &= g <= ctx.sess.total_free_milli + lent
+            by_fair = g <= free + _lent(ctx, leaf, _FAIR)
+            if _quota_room(leaf) > 0:
+                by_fair |= (g <= _quota_room(leaf)) & (g <= free + _lent(ctx, leaf, _DESERVED))
+            keep &= by_fair
             if failed:
                 keep &= not_failed(jobs, idx, failed, ctx.sess.jobs.shapes)
             return keep
@@ -83,33 +92,85 @@ def reclaim(ctx: Context) -> None:
                 continue  # the common refusal, without building a shape
             if not within_fair(leaf, pj.req) or pj.shape in failed:
                 continue  # reclaim restores fair shares; it never takes more than that
-            lent = sum(
-                q.allocated[0] - q.fair[0] for q in ctx.leaves if q is not leaf and q.allocated[0] > q.fair[0]
-            )
-            if pj.req[0] > ctx.sess.total_free_milli + lent:
+            free = ctx.sess.total_free_milli
+            by_fair = pj.req[0] <= free + _lent(ctx, leaf, _FAIR)
+            in_quota = 0 < pj.req[0] <= _quota_room(leaf)
+            if not by_fair and not (in_quota and pj.req[0] <= free + _lent(ctx, leaf, _DESERVED)):
                 continue  # even taking back everything lent would not make room
-            lists = [by_leaf[q.name] for q in ctx.leaves if q is not leaf and q.allocated[0] > q.fair[0]]
-            victims = (j for _, j in heapq.merge(*lists, key=_first))
-            guard = _fair_share_guard(leaf)
-
-            def why(j: RunJob, pj: PendingJob = pj, leaf: QueueState = leaf) -> str:
-                vq = j.leaf.name if j.leaf else "?"
-                fair = j.leaf.fair[0] if j.leaf else 0
-                return (
-                    f"reclaimed for workload {pj.w.id} of project {leaf.name}, which is below its fair "
-                    f"share of {gpus(leaf.fair[0])}; project {vq} is above its fair share "
-                    f"of {gpus(fair)}"
-                )
-
-            ok = evict_and_place(ctx, pj, victims, guard, EvictionCause.RECLAIM, why)
-            if not ok and _may_move(ctx, leaf, pj):
-                # No node frees up by eviction alone: evict anywhere, move a node's occupants
-                # into that room (the guarantee for a multi-GPU job inside the deserved quota).
-                again = (j for _, j in heapq.merge(*lists, key=_first))
-                ok = reclaim_with_moves(ctx, pj, again, guard, why)
+            ok = by_fair and _reclaim(ctx, leaf, pj, by_leaf, _FAIR)
+            if not ok and in_quota:
+                ok = _reclaim(ctx, leaf, pj, by_leaf, _DESERVED)
             if not ok:
                 failed.add(pj.shape)
             budget[0] -= 1
+
+
+_FAIR = 0  # what a victim queue keeps under reclaim: its fair share...
+_DESERVED = 1  # ... or, for the guarantee, its deserved quota...
+_BORROWING = 2  # ... or it is only above its deserved quota before each eviction
+
+
+def _floor(q: QueueState, kind: int) -> Vec:
+    return q.fair if kind == _FAIR else q.deserved
+
+
+def _lent(ctx: Context, leaf: QueueState, kind: int) -> int:
+    """GPUs (milli) other leaves hold above their fair share (or deserved quota)."""
+    return sum(
+        q.allocated[0] - _floor(q, kind)[0]
+        for q in ctx.leaves
+        if q is not leaf and q.allocated[0] > _floor(q, kind)[0]
+    )
+
+
+def _quota_room(leaf: QueueState) -> int:
+    """Unused deserved GPUs (milli) of the queue and each of its ancestors: the least of them."""
+    return min(q.deserved[0] - q.allocated[0] for q in (leaf, *leaf.ancestors))
+
+
+def _reclaim(ctx: Context, leaf: QueueState, pj: PendingJob, by_leaf: _Victims, kind: int) -> bool:
+    """One reclaim attempt for ``pj``: by fair share (``_FAIR``) or by the guarantee
+    (``_DESERVED``, then ``_BORROWING``; see the module doc). All or nothing."""
+    floor = _FAIR if kind == _FAIR else _DESERVED
+    lists = [by_leaf[q.name] for q in ctx.leaves if q is not leaf and q.allocated[0] > _floor(q, floor)[0]]
+    if not lists:
+        return False
+
+    def victims() -> Iterator[RunJob]:
+        return (j for _, j in heapq.merge(*lists, key=_first))
+
+    cause = EvictionCause.RECLAIM if kind == _FAIR else EvictionCause.GUARANTEE
+    why = _reclaim_reason(pj, leaf, kind)
+    # The guarantee's second step: the excess may be held only by workloads bigger than it (one
+    # GPU over, eight-GPU jobs). A queue above its deserved quota borrows, whichever of its
+    # workloads crossed the line, so any of them may go while the queue is still above it.
+    steps = (_FAIR,) if kind == _FAIR else (_DESERVED, _BORROWING)
+    for step in steps:
+        if evict_and_place(ctx, pj, victims(), _share_guard(leaf, step), cause, why):
+            return True
+    # No node frees up by eviction alone: evict anywhere, move a node's occupants into that
+    # room (for a multi-GPU job inside the deserved quota).
+    guard = _share_guard(leaf, steps[-1])
+    return _may_move(ctx, leaf, pj) and reclaim_with_moves(ctx, pj, victims(), guard, why, cause)
+
+
+def _reclaim_reason(pj: PendingJob, leaf: QueueState, kind: int) -> Callable[[RunJob], str]:
+    def why(j: RunJob) -> str:
+        vq = j.leaf.name if j.leaf else "?"
+        if kind == _FAIR:
+            fair = j.leaf.fair[0] if j.leaf else 0
+            return (
+                f"reclaimed for workload {pj.w.id} of project {leaf.name}, which is below its fair "
+                f"share of {gpus(leaf.fair[0])}; project {vq} is above its fair share of {gpus(fair)}"
+            )
+        mine = j.leaf.deserved[0] if j.leaf else 0
+        return (
+            f"reclaimed for workload {pj.w.id} of project {leaf.name}, which fits in its unused "
+            f"deserved quota of {gpus(leaf.deserved[0])}; project {vq} is above its deserved quota "
+            f"of {gpus(mine)}"
+        )
+
+    return why
 
 
 def _may_move(ctx: Context, leaf: QueueState, pj: PendingJob) -> bool:
@@ -284,7 +345,10 @@ def _candidates(
         yield pj
 
 
-def _fair_share_guard(reclaimer: QueueState) -> Callable[[RunJob], bool]:
+def _share_guard(reclaimer: QueueState, kind: int) -> Callable[[RunJob], bool]:
+    """A victim is valid if its queue, and each ancestor not shared with the reclaimer, keeps
+    at least its fair share (``_FAIR``) or its deserved quota (``_DESERVED``) afterwards, or
+    (``_BORROWING``) is above its deserved quota before."""
     shared = {id(q) for q in (reclaimer, *reclaimer.ancestors)}
 
     def ok(j: RunJob) -> bool:
@@ -294,7 +358,10 @@ def _fair_share_guard(reclaimer: QueueState) -> Callable[[RunJob], bool]:
         for q in (j.leaf, *j.leaf.ancestors):
             if id(q) in shared:
                 break
-            if q.allocated[k] - j.vec[k] < q.fair[k]:
+            if kind == _BORROWING:
+                if q.allocated[k] <= q.deserved[k]:
+                    return False
+            elif q.allocated[k] - j.vec[k] < _floor(q, kind)[k]:
                 return False
         return True
 

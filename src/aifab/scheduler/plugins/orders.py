@@ -71,9 +71,19 @@ JOB_ORDERS: dict[str, JobKey] = {
     "fifo": lambda w: (w.submit_time, w.id),
     # Tiresias-style discretised least attained service (GPU-seconds), FIFO inside a queue.
     "las": lambda w: (las_queue(w.attained_gpu_seconds), w.submit_time, w.id),
+    # Priority first, then discretised LAS: a requeued workload that already had hours of
+    # service waits behind its project's fresh ones of the same priority (short jobs are
+    # not stuck behind long ones coming back from preemption); FIFO otherwise.
+    "priority_las": lambda w: (-w.priority, las_queue(w.attained_gpu_seconds), w.submit_time, w.id),
     # Shortest remaining time first (needs the expected_duration oracle).
     "srtf": lambda w: (_remaining(w), w.submit_time, w.id),
 }
+
+
+# Orders whose key of a workload moves while it runs (attained service grows). A pending
+# workload's key never moves (it attains nothing while waiting), so only a cycle that reads
+# the keys of running workloads (preemption by job order) depends on the clock through them.
+KEYS_MOVE_WHILE_RUNNING: frozenset[str] = frozenset({"las", "priority_las", "srtf"})
 
 
 def _start(job: RunJob) -> float:
