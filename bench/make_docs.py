@@ -30,27 +30,14 @@ SECTIONS = [
         "`bench/philly.py`: 56 nodes x 8 GPUs; each virtual cluster is a project with deserved GPUs "
         "proportional to its mean demand (summing to 448), equal over-quota weights; every job preemptible, "
         "checkpoints every 30 min, 60 s restart overhead. The trace file has 12 virtual clusters, not the 15 "
-        "the issue names (checked: `cut -d, -f5 data/philly/philly_2017_sep_oct.csv | sort -u`).",
-        "_Not completed._ `bench/philly.py --policy aifab --policy kai --policy fifo --jobs 2 --name "
-        "philly-full` was started on 2026-11-28 at 19:28 UTC and stopped after 358 s, at simulated day 33.6 "
-        "(aifab) and 35.9 (kai) of about 69, sharing the 2 cores with two orphaned workers of an earlier "
-        "attempt (so these are pessimistic). The previous code reached day 34.8 and 36.3 after 994 s "
-        "without that contention: this session's changes make the backlog phase at least 2.8x faster, but "
-        "once thousands of jobs wait "
-        "every cycle still walks all of them (about 9 ms per cycle with 3,365 pending, measured on a "
-        "snapshot taken at day 31.5), and the replay stays far above the 120 s per policy the issue "
-        "allows. This is an open item, not a result.",
-    ),
-    (
-        "5b. Philly 2017, first 10,000 jobs by submit time: KAI-like and aifab's default",
-        "philly-10k-main.md",
-        "The same setup on the first 10,000 jobs, so that every policy finishes on this machine.",
-    ),
-    (
-        "5b. Philly 2017, first 10,000 jobs by submit time: reference policies",
-        "philly-10k-reference.md",
-        "FIFO, FIFO with backfill, static quotas, Tiresias-style discretised 2D-LAS (preempting by LAS "
-        "queue) and SRTF with oracle durations, on the same 10,000 jobs.",
+        "the issue names (checked: `cut -d, -f5 data/philly/philly_2017_sep_oct.csv | sort -u`). "
+        "Policies (`src/aifab/sim/policies.py`): FIFO; FIFO with backfill; static quotas (no borrowing); "
+        "KAI-like (quota + weighted over-quota + reclaim, bin-packing); Tiresias-style discretised 2D-LAS "
+        "and SRTF with oracle durations, both preempting by their order (references, not product "
+        "policies); aifab's default ([scheduling.md](scheduling.md): fair share, the deserved-quota "
+        "guarantee, priority then least-attained-service order inside a project). The quota promise "
+        "(a job that fits in its project's unused deserved quota starts within 60 s) is defined in "
+        "`src/aifab/sim/metrics.py`. Wall seconds are per policy, two policies at a time on the 2 cores.",
     ),
     (
         "5c. Scheduler speed",

@@ -184,10 +184,15 @@ def test_unusual_snapshots_rebuild_and_match() -> None:
             assert full(run_cycle(snap, cfg, memo=memo)) == full(run_cycle(snap, cfg))
 
 
+class _Item:
+    def __init__(self, wid: str) -> None:
+        self.id = wid
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.integers(0, 12), max_size=25), st.lists(st.integers(0, 20), max_size=25))
 def test_diff_accounts_for_every_object(old_idx: list[int], cur_idx: list[int]) -> None:
-    pool = [object() for _ in range(21)]
+    pool = [_Item(f"w{i % 7}") for i in range(21)]  # ids repeat: pairs by id are swaps
     old = tuple(pool[i] for i in old_idx)
     cur = tuple(pool[i] for i in cur_idx)
     gone, new, swapped = diff(old, cur)  # type: ignore[arg-type]

@@ -62,6 +62,7 @@ def _run(
     sess = Session(snapshot, config, base, unique)
     sess.jobs = PendingSet(index, sess.queues)
     sess.view_slot = memo.view
+    sess.key_bounds = memo.bounds
     fair, demand = _fair_shares(sess, snapshot, config, memo)
     ctx = Context(sess, config)
     for action in actions:
@@ -73,6 +74,7 @@ def _run(
         "pending": float(len(pending)),
         "bound_workloads": float(sess.jobs.bound_count()),
         "running": float(sess.running_count),
+        **sess.stats,  # what actions report (e.g. preempt_blocked)
     }
     return CycleResult(
         binds=tuple(sess.binds),

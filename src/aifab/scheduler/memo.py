@@ -8,7 +8,9 @@ holds those objects too, so that an identity is never reused while it is remembe
 
 * :class:`RunningBase`: node and queue usage of the running workloads (sums of integers, so
   adding and removing workloads as they come and go gives exactly what a rebuild gives);
-* :class:`~aifab.scheduler.pending.PendingIndex`: the pending workloads in job order.
+* :class:`~aifab.scheduler.pending.PendingIndex`: the pending workloads in job order;
+* :class:`~aifab.scheduler.keybounds.KeyBounds`: bounds of the running workloads' job-order
+  keys, where preemption by job order reads them.
 
 Between two snapshots only the workloads that are new or gone (by identity) are applied.
 Anything unusual (duplicate workload ids, another node tuple or queue tree, another job order)
@@ -27,7 +29,9 @@ from aifab.core.snapshot import ClusterSnapshot
 from aifab.core.workloads import Workload, WorkloadPhase
 from aifab.scheduler.config import Fairness, SchedulerConfig
 from aifab.scheduler.fairshare import Columns
+from aifab.scheduler.keybounds import KeyBounds
 from aifab.scheduler.pending import JobKey, PendingIndex
+from aifab.scheduler.plugins.orders import KEY_NEVER_FALLS, KEY_NEVER_RISES, KEY_STEADY_BELOW
 from aifab.scheduler.session import ViewSlot, node_summary
 from aifab.scheduler.static import NodeFacts, TreeInfo
 
@@ -124,11 +128,12 @@ def diff(
 
     Walks both in order a chunk at a time: a chunk that compares equal (``==`` on tuples is
     C code that takes identical items as equal without asking them) is passed over; in one
-    that does not, it finds the first pair that is not the same object, then looks a little
-    ahead in each for the other's object (a run of objects gone, or new) and otherwise counts
-    the pair as replaced in place (swapped). Any such alignment is a correct answer (an object
-    that only moved counts as gone and new), and a caller that keeps its workloads in a stable
-    order (the simulator) gets one about as long as what changed.
+    that does not, it finds the first pair that is not the same object. A pair with the same
+    workload id is counted as replaced in place (swapped); otherwise it looks a little ahead
+    in each for the other's object (a run of objects gone, or new) and failing that also
+    counts the pair as swapped. Any such alignment is a correct answer (an object that only
+    moved counts as gone and new), and a caller that keeps its workloads in a stable order
+    (the simulator) gets one about as long as what changed.
 
     An equal chunk may pair a workload with another object equal to it in every field: the
     memo then keeps the one it has (everything it derives is the same for both), and if that
@@ -145,9 +150,16 @@ def diff(
             i += m
             j += m
             continue
-        k = next(compress(count(), map(is_not, a, b)))  # the chunks differ: some pair does
+        k = next(compress(count(), map(is_not, a, b)), m)  # the chunks differ: some pair does
         i += k
         j += k
+        if k == m:
+            continue  # equal objects throughout (see above)
+        if old[i].id == cur[j].id:
+            swapped.append((old[i], cur[j]))
+            i += 1
+            j += 1
+            continue
         p = _find(cur[j], old, i + 1)
         if p >= 0:  # old[i:p] are gone, old[p] is cur[j]
             gone.extend(old[i:p])
@@ -203,6 +215,7 @@ class CycleMemo:
         self.running: RunningBase | None = None
         self.pending: PendingIndex | None = None
         self.view = ViewSlot()  # a placement plugin's view of the nodes (see ViewSlot)
+        self.bounds: KeyBounds | None = None  # of running workloads' job-order keys (preempt)
         self._fair: list[tuple[QueueTree, object, FairShares]] = []  # the last few, newest last
         self._columns: tuple[QueueTree | None, Columns] = (None, {})
 
@@ -257,6 +270,36 @@ class CycleMemo:
             self._reset()  # never keep a half-applied change
             raise
 
+    def _sync_bounds(
+        self,
+        config: SchedulerConfig,
+        jkey: JobKey,
+        base: RunningBase,
+        rebuilt: bool,
+        gone: list[Workload],
+        new: list[Workload],
+        kept: list[Swap],
+    ) -> None:
+        """Keep bounds of the running workloads' keys where preemption by job order reads them
+        (see :mod:`~aifab.scheduler.keybounds`); only with unique ids (keys end with the id)."""
+        bounds = self.bounds
+        order = config.job_order
+        steady = KEY_STEADY_BELOW.get(order) if order in KEY_NEVER_FALLS else None
+        if (
+            not config.preempt_by_job_order
+            or self.duplicates
+            or (order not in KEY_NEVER_RISES and steady is None)
+        ):
+            self.bounds = None
+        elif bounds is None or rebuilt or bounds.job_order != order or bounds.jkey is not jkey:
+            self.bounds = KeyBounds(order, jkey, None if order in KEY_NEVER_RISES else steady)
+            self.bounds.update((), base.running.values())
+        else:
+            bounds.update(
+                [*(w for w in gone if w.phase is RUNNING), *(a for a, _ in kept)],
+                [*(w for w in new if w.phase is RUNNING), *(b for _, b in kept)],
+            )
+
     def _refresh(
         self,
         snapshot: ClusterSnapshot,
@@ -280,7 +323,8 @@ class CycleMemo:
         unique = self.duplicates == 0
 
         base = self.running
-        if base is None or not base.matches(snapshot.nodes, snapshot.queues):
+        rebuilt = base is None or not base.matches(snapshot.nodes, snapshot.queues)
+        if base is None or rebuilt:
             base = self.running = RunningBase(snapshot.nodes, snapshot.queues, facts, tinfo)
             for w in ws:
                 if w.phase is RUNNING:
@@ -294,6 +338,7 @@ class CycleMemo:
                     base.apply(w, 1)
             for a, b in kept:
                 base.swap(a, b)
+        self._sync_bounds(config, jkey, base, rebuilt, gone, new, kept)
 
         grouped = config.fairness is not Fairness.NONE
         hint = facts.max_device_memory

@@ -22,7 +22,6 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -167,41 +166,38 @@ class Group:
         new = Group.__new__(Group)
         new.name = self.name
         new.ranks = None
-        keys, infos, data = self.keys, self.infos, self.data
-        if removed:
-            keys = _drop(keys, removed)
-            infos = _drop(infos, removed)
-            data = np.delete(data, np.asarray(removed, dtype=np.int64), axis=1)
-        if added:
-            at = [bisect_left(keys, a.key) for a in added]
-            keys = _insert(keys, at, [a.key for a in added])
-            infos = _insert(infos, at, added)
-            cols = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).T
-            data = np.insert(data, np.asarray(at, dtype=np.int64), cols, axis=1)
-        new._set(infos, keys, data)
+        keys = self.keys
+        # One pass over the old list: each added item goes before the first old key not below
+        # its own (what inserting into the list without the removed items would do, as keys
+        # are distinct), each removed position is passed over.
+        cuts = sorted(
+            [(bisect_left(keys, a.key), -1, k) for k, a in enumerate(added)] + [(p, 0, -1) for p in removed]
+        )
+        cols = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).reshape(-1, 7).T
+        data = np.empty((7, len(keys) - len(removed) + len(added)), dtype=np.int64)
+        new_keys: list[tuple[object, ...]] = []
+        new_infos: list[JobInfo] = []
+        old, infos = self.data, self.infos
+        prev = at = 0
+        for p, kind, k in cuts:
+            if p > prev:
+                new_keys += keys[prev:p]
+                new_infos += infos[prev:p]
+                data[:, at : at + p - prev] = old[:, prev:p]
+                at += p - prev
+                prev = p
+            if kind < 0:
+                new_keys.append(added[k].key)
+                new_infos.append(added[k])
+                data[:, at] = cols[:, k]
+                at += 1
+            else:
+                prev = p + 1
+        new_keys += keys[prev:]
+        new_infos += infos[prev:]
+        data[:, at:] = old[:, prev:]
+        new._set(new_infos, new_keys, data)
         return new
-
-
-def _drop(lst: list[Any], positions: Sequence[int]) -> list[Any]:
-    out: list[Any] = []
-    prev = 0
-    for p in positions:
-        out += lst[prev:p]
-        prev = p + 1
-    out += lst[prev:]
-    return out
-
-
-def _insert(lst: list[Any], at: list[int], items: list[Any]) -> list[Any]:
-    """Insert items[k] before lst[at[k]] (``at`` non-decreasing, positions in ``lst``)."""
-    out: list[Any] = []
-    prev = 0
-    for p, x in zip(at, items, strict=True):
-        out += lst[prev:p]
-        out.append(x)
-        prev = p
-    out += lst[prev:]
-    return out
 
 
 class PendingIndex:

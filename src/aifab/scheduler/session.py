@@ -23,6 +23,7 @@ from aifab.scheduler.static import QueueInfo, node_facts, tree_info
 
 if TYPE_CHECKING:
     from aifab.scheduler.jobs import PendingSet
+    from aifab.scheduler.keybounds import KeyBounds
     from aifab.scheduler.memo import RunningBase
 
 Vec = tuple[int, int, int]
@@ -99,7 +100,7 @@ class QueueState:
 class RunJob:
     """A running workload as a possible victim or mover (places resolved on first use)."""
 
-    __slots__ = ("_index", "_places", "evicted", "gpus", "leaf", "lost", "order", "vec", "w")
+    __slots__ = ("_index", "_places", "evicted", "gpus", "leaf", "lost", "vec", "w")
 
     def __init__(
         self, w: Workload, leaf: QueueState | None, now: float, node_index: Mapping[str, int]
@@ -117,7 +118,6 @@ class RunJob:
         self.gpus = g / GPU_MILLI
         self.lost = w.work_since_checkpoint(now) * self.gpus
         self.evicted = False
-        self.order: tuple[object, ...] | None = None  # its job-order key, once asked for
         self._index = node_index
         self._places: list[Place] | None = None
 
@@ -223,6 +223,7 @@ class Session:
         # Nodes changed by take/give since a placement plugin last synced its own view of them.
         self.touched: dict[int, None] = {}
         self.view_slot: ViewSlot | None = None  # set by the cycle when the caller keeps a memo
+        self.key_bounds: KeyBounds | None = None  # likewise (see aifab.scheduler.keybounds)
         self._index_nodes(base.summaries())
 
     @property

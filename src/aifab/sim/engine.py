@@ -49,7 +49,7 @@ from aifab.scheduler.config import SchedulerConfig
 from aifab.sim.model import Scenario
 from aifab.sim.outcome import JobRecord, SimOutcome, Timeline
 from aifab.sim.skip import SkipRules
-from aifab.sim.state import JobState, with_attained
+from aifab.sim.state import Clock, JobState, changed, running_view
 
 SchedulerFn = Callable[[ClusterSnapshot, SchedulerConfig], CycleResult]
 ProgressFn = Callable[[float], None]  # called with the simulated time now and then
@@ -127,6 +127,7 @@ class Simulator(SkipRules):
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.seq = 0
         self.now = 0.0
+        self.clock = Clock()  # what RunningViews read: the time of the cycle being run
         self.dirty = True  # something changed since the last cycle
         self.cycle_at: float | None = None  # time of the one scheduled CYCLE event
         self.last_cycle = -math.inf
@@ -146,6 +147,7 @@ class Simulator(SkipRules):
             "cycles": 0,
             "cycles_skipped": 0,
             "cycles_skipped_inert": 0,  # by rule 5 (a subset of cycles_skipped)
+            "cycles_skipped_blocked": 0,  # by rule 9 (a subset of cycles_skipped)
             "binds": 0,
             "preemptions": 0,
             "reclaims": 0,
@@ -320,13 +322,17 @@ class Simulator(SkipRules):
 
     def _cycle(self) -> None:
         now = self.now
+        self.as_quiet = False
         if not self.pending or not (self.dirty or self.time_dependent) or self._nothing_can_change():
             self.counters["cycles_skipped"] += 1
+            if self.as_quiet:
+                # Rule 8: the cycle would have decided nothing; carry on as after one that did.
+                self._start_cycle()
+                self.last_quiet = self.inert = True
+                self._end_cycle(False)
             return
         self.counters["cycles"] += 1
-        self.last_cycle = now
-        self.dirty = False
-        self._note_cycle()
+        self._start_cycle()
         snapshot = ClusterSnapshot(
             nodes=self.nodes_tuple,
             queues=self.scenario.queues,
@@ -337,29 +343,30 @@ class Simulator(SkipRules):
         result = self.scheduler(snapshot, self.config)
         self.last_fair, self.last_demand = result.fair_shares, result.demands
         self.last_quiet = not result.binds and not result.evictions
+        self._note_result(self.last_quiet, result.stats)
         self.inert = True
         evicted = self._apply(result)
+        self._end_cycle(evicted)
+
+    def _start_cycle(self) -> None:
+        self.last_cycle = self.now
+        self.dirty = False
+        self._note_cycle()
+
+    def _end_cycle(self, evicted: bool) -> None:
         self.waited = bool(self.pending)
         if evicted and self.pending:
             # Evictions free room that the scheduler may only use in a later cycle.
             self.dirty = True
-            self._request_cycle(now + self.sim.follow_up)
+            self._request_cycle(self.now + self.sim.follow_up)
         elif self.time_dependent and self.pending:
-            self._request_cycle(now + self.sim.cycle_period)
+            self._request_cycle(self.now + self.sim.cycle_period)
 
     def _workloads(self, now: float) -> tuple[Workload, ...]:
-        """The active workloads; running ones refreshed only where the policy reads the clock."""
-        if not self.time_dependent:
-            return tuple(self.wls.values())
-        out = []
-        for j in self.active.values():
-            wl = j.wl
-            if wl.phase is WorkloadPhase.RUNNING:
-                ran = now - j.run_start
-                # Attained service grows while running; the stored value is as of run start.
-                wl = with_attained(wl, wl.attained_gpu_seconds + ran * j.gpus)
-            out.append(wl)
-        return tuple(out)
+        """The active workloads in arrival order. Where the policy reads the clock, running ones
+        are RunningViews: their attained service grows while running (see RunningView)."""
+        self.clock.now = now
+        return tuple(self.wls.values())
 
     def _usage_history(self, now: float) -> dict[str, Resources]:
         """Per-project GPU usage decayed with the configured half-life (empty when disabled).
@@ -443,13 +450,14 @@ class Simulator(SkipRules):
         job.run_start = now
         job.resume = now + overhead
         job.epoch += 1
-        job.wl = self.wls[wid] = replace(
+        job.wl = changed(
             wl,
             phase=WorkloadPhase.RUNNING,
             placements=tuple(placements),
             start_time=now,
             last_checkpoint_time=job.resume,
         )
+        self.wls[wid] = running_view(job.wl, self.clock, now, job.gpus) if self.time_dependent else job.wl
         self._set_pending(job, False)
         self._set_running(job, True)
         if job.rec.first_start is None:
@@ -491,7 +499,7 @@ class Simulator(SkipRules):
             # Keep the SRTF oracle (expected - attained / GPUs) equal to the true remaining
             # time, now that part of the attained service was lost.
             expected = attained / max(1.0, job.gpus) + job.remaining + self.sim.restart_overhead
-        job.wl = self.wls[job.wl.id] = replace(
+        job.wl = self.wls[job.wl.id] = changed(
             job.wl,
             phase=WorkloadPhase.PENDING,
             placements=(),

@@ -7,7 +7,8 @@ from collections.abc import Callable
 from aifab.core.errors import ValidationError
 from aifab.scheduler.actions.allocate import allocate
 from aifab.scheduler.actions.consolidate import consolidate
-from aifab.scheduler.actions.evict import preempt, reclaim
+from aifab.scheduler.actions.evict import reclaim
+from aifab.scheduler.actions.preempt import preempt
 from aifab.scheduler.context import Context
 
 Action = Callable[[Context], None]

@@ -1,6 +1,6 @@
-"""Reclaim and preempt: make room for a pending gang by evicting running ones.
+"""Reclaim: make room for a pending gang by evicting running ones of other queues.
 
-Both follow the same pattern inside one Statement: evict candidate victims in victim order
+Reclaim and preempt follow the same pattern inside one Statement: evict candidate victims in victim order
 (cost-aware by default) until the gang may fit, try to place it, evict more if it still does
 not, and at the end put back every victim that sat on a node the gang did not use. Commit only
 if the gang is placed; otherwise roll everything back.
@@ -17,7 +17,8 @@ if the gang is placed; otherwise roll everything back.
   GPU over, eight-GPU jobs): without this a deserved quota would be a guarantee only while
   someone happens to run a small enough job. The reclaimer stays within its deserved quota,
   so it is never a victim of fair-share reclaim in turn (no ping-pong).
-- preempt: inside one queue, a higher-priority workload evicts lower-priority ones.
+
+Preempt (:mod:`~aifab.scheduler.actions.preempt`) uses the same steps.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from aifab.scheduler.search import BoolArr, first_match, not_failed, waiting_for
 from aifab.scheduler.session import QueueState, RunJob, Session, Statement, Vec
 
 MAX_TRIES = 5  # placement tries per pending gang, evicting twice as much each time
-_ROOM_CODES = code_table(CAPACITY_CODES)
+ROOM_CODES = code_table(CAPACITY_CODES)
 _ROOM = code_bytes(CAPACITY_CODES)
 
 
@@ -76,7 +77,7 @@ def reclaim(ctx: Context) -> None:
             """Conservative: jobs the loop below would pass over in the current state are dropped."""
             g = jobs.group.g[idx]
             free = ctx.sess.total_free_milli
-            keep = waiting_for_room(jobs, idx, _ROOM_CODES)
+            keep = waiting_for_room(jobs, idx, ROOM_CODES)
             keep &= (leaf.allocated[0] + g <= leaf.fair[0]) | (g <= 0)
             keep &= within_mask(leaf, (g, jobs.group.c[idx], jobs.group.m[idx]))
             by_fair = g <= free + _lent(ctx, leaf, _FAIR)
@@ -87,7 +88,7 @@ def reclaim(ctx: Context) -> None:
                 keep &= not_failed(jobs, idx, failed, ctx.sess.jobs.shapes)
             return keep
 
-        for pj in _candidates(ctx, jobs, budget, order, worth):
+        for pj in candidates(ctx, jobs, budget, order, worth):
             if leaf.allocated[0] + pj.req[0] > leaf.fair[0] and pj.req[0] > 0:
                 continue  # the common refusal, without building a shape
             if not within_fair(leaf, pj.req) or pj.shape in failed:
@@ -137,7 +138,7 @@ def _reclaim(ctx: Context, leaf: QueueState, pj: PendingJob, by_leaf: _Victims, 
         return False
 
     def victims() -> Iterator[RunJob]:
-        return (j for _, j in heapq.merge(*lists, key=_first))
+        return (j for _, j in heapq.merge(*lists, key=by_key))
 
     cause = EvictionCause.RECLAIM if kind == _FAIR else EvictionCause.GUARANTEE
     why = _reclaim_reason(pj, leaf, kind)
@@ -184,102 +185,9 @@ def _may_move(ctx: Context, leaf: QueueState, pj: PendingJob) -> bool:
     return s.kind is WHOLE and s.count > 1 and leaf.allocated[0] + pj.req[0] <= leaf.deserved[0]
 
 
-def preempt(ctx: Context) -> None:
-    budget = [ctx.config.max_eviction_attempts]
-    global_pool = ctx.config.fairness is Fairness.NONE
-    by_leaf: _Victims | None = None
-    merged: list[tuple[tuple[object, ...], RunJob]] | None = None  # the global pool, merged once
-    for name in sorted(ctx.by_leaf):
-        if not _any_outranked(ctx, name, global_pool):
-            continue
-        failed: set[object] = set()
-        jobs = ctx.by_leaf[name]
-
-        def worth(idx: slice | I64, jobs: LeafJobs = jobs, name: str = name) -> BoolArr:
-            """Conservative: drops jobs that cannot preempt (see _could_preempt) in this state."""
-            keep = waiting_for_room(jobs, idx, _ROOM_CODES)
-            lower = _lower_by_priority(ctx, name, jobs.group.prio[idx], global_pool)
-            return keep & (lower > 0) & (jobs.group.g[idx] <= ctx.sess.total_free_milli + lower)
-
-        for pj in _candidates(ctx, jobs, budget, None, worth):
-            if (pj.shape, pj.order) in failed or not _could_preempt(ctx, name, pj, global_pool):
-                continue
-            if by_leaf is None:
-                by_leaf = _victims_by_leaf(ctx)
-            if global_pool:
-                if merged is None:
-                    merged = list(
-                        heapq.merge(
-                            *(by_leaf[q] for q in sorted(ctx.sess.running_by_queue) if q in ctx.sess.queues),
-                            key=_first,
-                        )
-                    )
-                pool: Iterable[tuple[tuple[object, ...], RunJob]] = merged
-            else:
-                pool = by_leaf[name]
-            victims = (j for _, j in pool if _outranks(ctx, pj, j))
-
-            def why(j: RunJob, pj: PendingJob = pj) -> str:
-                if j.w.priority < pj.w.priority:
-                    return (
-                        f"preempted by higher-priority workload {pj.w.id} "
-                        f"(priority {pj.w.priority} > {j.w.priority}) in queue {pj.w.queue}"
-                    )
-                return f"preempted by workload {pj.w.id}, which comes first in {ctx.config.job_order} order"
-
-            if not evict_and_place(ctx, pj, victims, lambda j: True, EvictionCause.PREEMPT, why):
-                failed.add((pj.shape, pj.order))
-            budget[0] -= 1
-
-
-def _lower_by_priority(ctx: Context, queue: str, prio: I64, global_pool: bool) -> I64:
-    """Per job priority, the preemptible running GPUs it outranks (as _could_preempt sums)."""
-    sess = ctx.sess
-    tables = list(sess.preemptible_gpu.values()) if global_pool else [sess.preemptible_gpu.get(queue, {})]
-    by_order = ctx.config.preempt_by_job_order
-    values, inverse = np.unique(prio, return_inverse=True)
-    lower = [
-        sum(g for table in tables for p, g in table.items() if p < int(v) or (by_order and p == int(v)))
-        for v in values
-    ]
-    out: I64 = np.asarray(lower, dtype=np.int64)[inverse]
-    return out
-
-
-def _any_outranked(ctx: Context, name: str, global_pool: bool) -> bool:
-    """Whether some preemptible running work has a lower priority than the queue's highest
-    pending one (or equal, when job order may preempt): otherwise nobody here can preempt."""
-    sess = ctx.sess
-    tables = sess.preemptible_gpu.values() if global_pool else [sess.preemptible_gpu.get(name, {})]
-    top = ctx.max_prio[name]
-    by_order = ctx.config.preempt_by_job_order
-    return any(g > 0 and (p < top or (by_order and p == top)) for t in tables for p, g in t.items())
-
-
-def _outranks(ctx: Context, pj: PendingJob, j: RunJob) -> bool:
-    """Lower priority always yields; with ``preempt_by_job_order`` an equal-priority running
-    workload also yields to a pending one that comes first in job order (Tiresias LAS, SRTF)."""
-    if j.w.priority < pj.w.priority:
-        return True
-    if not ctx.config.preempt_by_job_order or j.w.priority != pj.w.priority:
-        return False
-    if j.order is None:
-        j.order = ctx.jkey(j.w)
-    return j.order > pj.order
-
-
-def _first(t: tuple[tuple[object, ...], RunJob]) -> tuple[object, ...]:
+def by_key(t: tuple[tuple[object, ...], RunJob]) -> tuple[object, ...]:
     """Merge on the key only: RunJobs themselves do not compare."""
     return t[0]
-
-
-def _could_preempt(ctx: Context, queue: str, pj: PendingJob, global_pool: bool) -> bool:
-    """Free GPUs plus lower-priority preemptible GPUs must cover the request (an upper bound)."""
-    sess, prio = ctx.sess, pj.w.priority
-    tables = sess.preemptible_gpu.values() if global_pool else [sess.preemptible_gpu.get(queue, {})]
-    by_order = ctx.config.preempt_by_job_order
-    lower = sum(g for table in tables for p, g in table.items() if p < prio or (by_order and p == prio))
-    return lower > 0 and pj.req[0] <= sess.total_free_milli + lower
 
 
 class _Victims(dict[str, list[tuple[tuple[object, ...], RunJob]]]):
@@ -293,7 +201,7 @@ class _Victims(dict[str, list[tuple[tuple[object, ...], RunJob]]]):
     def __missing__(self, name: str) -> list[tuple[tuple[object, ...], RunJob]]:
         ctx = self.ctx
         lst = [(ctx.vkey(j), j) for j in ctx.sess.queue_jobs(name) if ctx.sess.evictable(j)]
-        lst.sort(key=_first)
+        lst.sort(key=by_key)
         self[name] = lst
         return lst
 
@@ -302,7 +210,7 @@ def _victims_by_leaf(ctx: Context) -> _Victims:
     return _Victims(ctx)
 
 
-def _candidates(
+def candidates(
     ctx: Context,
     jobs: LeafJobs,
     budget: list[int],

@@ -14,7 +14,7 @@ every lookup hits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,14 @@ def _target(ctx: PlacementContext, pod: PodShape) -> TargetWorkload:
     return own_target(pod)
 
 
+_KNOWN_MAX = 65_536  # row contents remembered per column
+
+
+def _content(view: ClusterView, i: int) -> tuple[object, ...]:
+    """What row ``i`` holds, as far as a column's values go."""
+    return (int(view.model_idx[i]), int(view.cpu_left[i]), int(view.mem_left[i]), view.gpu_left[i].tobytes())
+
+
 @dataclass
 class _Column:
     """Memoised evaluation of one task shape on every node of a view."""
@@ -65,6 +73,9 @@ class _Column:
     delta: FloatArray  # frag_before - frag_after on the best device
     device: IntArray  # best device for a shared task (-1 otherwise)
     extra: FloatArray  # policy-specific secondary key (aifab)
+    # (delta, device, extra) by row content: a node back in a state seen before (a placement
+    # tried and rolled back, a job ended) gets its values without evaluating it again
+    known: dict[tuple[object, ...], tuple[float, int, float]] = field(default_factory=dict)
 
 
 class FgdPolicy(ScoringPolicy):
@@ -203,10 +214,21 @@ class FgdPolicy(ScoringPolicy):
             view.cache[key] = col
         stale = idx[col.stamp[idx] != view.version[idx]]
         if len(stale):
-            delta, dev, extra = self._evaluate(view, pod, stale, ctx)
-            col.delta[stale] = delta
-            col.device[stale] = dev
-            col.extra[stale] = extra
+            # A row's values depend only on what the row holds (as the per-version memo
+            # already assumes): rows in a state evaluated before are looked up.
+            known = col.known
+            rows = stale.tolist()
+            contents = [_content(view, i) for i in rows]
+            miss = [k for k, c in enumerate(contents) if c not in known]
+            if miss:
+                at = stale[miss] if len(miss) < len(rows) else stale
+                delta, dev, extra = self._evaluate(view, pod, at, ctx)
+                if len(known) > _KNOWN_MAX:
+                    known.clear()
+                for k, d, v, e in zip(miss, delta.tolist(), dev.tolist(), extra.tolist(), strict=True):
+                    known[contents[k]] = (d, v, e)
+            for i, c in zip(rows, contents, strict=True):
+                col.delta[i], col.device[i], col.extra[i] = known[c]
             col.stamp[stale] = view.version[stale]
         result: _Column = col
         return result

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from aifab.core.errors import ValidationError
-from aifab.core.workloads import Workload
+from aifab.core.workloads import TaskRequest, Workload
 from aifab.scheduler.session import QueueState, RunJob
 
 QueueKey = Callable[[QueueState], tuple[object, ...]]
@@ -44,15 +44,33 @@ QUEUE_ORDERS: dict[str, QueueKey] = {
 }
 
 
+# Requested milli-GPUs per task tuple (by identity; each entry holds its tuple, so an identity
+# is never reused while it is kept): job orders are asked for the keys of every running
+# workload of a cycle, and the sum over tasks is most of the cost of an SRTF key.
+_MILLI: dict[int, tuple[tuple[TaskRequest, ...], int]] = {}
+_MILLI_MAX = 100_000
+
+
 def _gpus(w: Workload) -> float:
-    return max(1.0, w.gpu_milli_requested / 1000)
+    """max(1, requested GPUs), written out (``max`` keeps its first argument on ties and NaN)."""
+    tasks = w.tasks
+    got = _MILLI.get(id(tasks))
+    if got is None or got[0] is not tasks:
+        if len(_MILLI) >= _MILLI_MAX:
+            _MILLI.clear()
+        got = _MILLI[id(tasks)] = (tasks, w.gpu_milli_requested)
+    g = got[1] / 1000
+    return g if g > 1.0 else 1.0
 
 
 def _remaining(w: Workload) -> float:
-    """Oracle remaining runtime: expected duration minus the runtime already attained."""
-    if w.expected_duration is None:
+    """Oracle remaining runtime: expected duration minus the runtime already attained, at
+    least 0 (as ``max(0.0, ...)``, written out: this runs for every running workload)."""
+    expected = w.expected_duration
+    if expected is None:
         return INF
-    return max(0.0, w.expected_duration - w.attained_gpu_seconds / _gpus(w))
+    left = expected - w.attained_gpu_seconds / _gpus(w)
+    return left if left > 0.0 else 0.0
 
 
 # Tiresias' discretised two-dimensional LAS: attained GPU-seconds fall into a few priority
@@ -63,7 +81,12 @@ LAS_QUEUE_THRESHOLDS: tuple[float, ...] = (3600.0, 36000.0, 360000.0)
 
 
 def las_queue(attained_gpu_seconds: float) -> int:
-    return sum(1 for t in LAS_QUEUE_THRESHOLDS if attained_gpu_seconds >= t)
+    """How many thresholds the attained service has reached (0 for NaN)."""
+    q = 0
+    for t in LAS_QUEUE_THRESHOLDS:
+        if attained_gpu_seconds >= t:
+            q += 1
+    return q
 
 
 JOB_ORDERS: dict[str, JobKey] = {
@@ -84,6 +107,31 @@ JOB_ORDERS: dict[str, JobKey] = {
 # workload's key never moves (it attains nothing while waiting), so only a cycle that reads
 # the keys of running workloads (preemption by job order) depends on the clock through them.
 KEYS_MOVE_WHILE_RUNNING: frozenset[str] = frozenset({"las", "priority_las", "srtf"})
+
+
+def _next_las_step(w: Workload) -> float:
+    return next((t for t in LAS_QUEUE_THRESHOLDS if t > w.attained_gpu_seconds), INF)
+
+
+# For a caller that follows running workloads over time (the simulator): per job order, the
+# attained GPU-seconds below which a workload's key stays at most what it is now while its
+# attained service grows and nothing else about it changes (INF: it never rises). An order
+# missing here makes no such promise.
+KEY_STEADY_BELOW: dict[str, Callable[[Workload], float]] = {
+    "priority_fifo": lambda w: INF,  # does not read attained service
+    "fifo": lambda w: INF,
+    "las": _next_las_step,  # constant inside a LAS queue, rises at the next threshold
+    "priority_las": _next_las_step,
+    "srtf": lambda w: INF,  # remaining time only falls as service is attained
+}
+
+
+# The orders whose key of a workload never rises as its attained service grows (KEY_STEADY_BELOW
+# is INF for every workload): a key computed once stays an upper bound of the key later.
+KEY_NEVER_RISES: frozenset[str] = frozenset({"priority_fifo", "fifo", "srtf"})
+# The orders whose key never falls as attained service grows (it stays put below the
+# KEY_STEADY_BELOW limit, then rises): a key computed once stays a lower bound of the key later.
+KEY_NEVER_FALLS: frozenset[str] = frozenset({"priority_fifo", "fifo", "las", "priority_las"})
 
 
 def _start(job: RunJob) -> float:
