@@ -45,12 +45,16 @@ _KNOWN_MAX = 200_000
 class JobInfo:
     """What a pending workload flattens to; immutable once made."""
 
-    __slots__ = ("biggest", "key", "req", "shape", "specs", "w")
+    __slots__ = ("biggest", "col", "key", "nan", "req", "shape", "specs", "w")
 
     def __init__(self, w: Workload, key: tuple[object, ...], cache: SpecCache, hint: int) -> None:
         self.w = w
         self.key = key
+        self.nan = _has_nan(key)
         self.specs, self.req, tasks_key, self.biggest = _static(w, cache, hint)
+        req = self.req
+        # Group.data's rows except the shape id (which is per index), made once per workload.
+        self.col = (req[0], req[1], req[2], self.biggest, w.priority, 0 if w.preemptible else 1)
         models, selector, topo = w.gpu_models, w.node_selector, w.topology
         # What decides whether a placement can succeed (not the queue, not the id).
         self.shape: object = (
@@ -105,9 +109,12 @@ def _has_nan(key: tuple[object, ...]) -> bool:
 _G, _C, _M, _BIG, _PRIO, _SID, _NPRE = range(7)  # rows of Group.data
 
 
+_OWN_ROWS = [_G, _C, _M, _BIG, _PRIO, _NPRE]  # JobInfo.col's, in its order
+
+
 def _column(info: JobInfo, sid: int) -> tuple[int, int, int, int, int, int, int]:
-    w = info.w
-    return (info.req[0], info.req[1], info.req[2], info.biggest, w.priority, sid, 0 if w.preemptible else 1)
+    g, c, m, big, prio, npre = info.col
+    return (g, c, m, big, prio, sid, npre)
 
 
 class Group:
@@ -141,7 +148,8 @@ class Group:
         self.ranks = ranks
         data = np.zeros((7, len(infos)), dtype=np.int64)
         if infos:
-            data[:] = np.asarray([_column(i, sid_of(i.shape)) for i in infos], dtype=np.int64).T
+            data[_OWN_ROWS] = np.asarray([i.col for i in infos], dtype=np.int64).T
+            data[_SID] = [sid_of(i.shape) for i in infos]
         self._set(infos, [i.key for i in infos], data)
 
     def _set(self, infos: list[JobInfo], keys: list[tuple[object, ...]], data: I64) -> None:
@@ -275,7 +283,7 @@ class PendingIndex:
         self.infos = infos
         listed.sort(key=lambda i: i.key)  # stable: ties keep snapshot order, as the original
         keys = [i.key for i in listed]
-        self.exact = len(infos) == len(listed) and not any(map(_has_nan, keys))
+        self.exact = len(infos) == len(listed) and not any(i.nan for i in listed)
         if self.exact:
             self.exact = all(a < b for a, b in pairwise(keys))
         members: dict[str | None, list[JobInfo]] = {}
@@ -321,7 +329,7 @@ class PendingIndex:
         add: dict[str | None, list[JobInfo]] = {}
         for w in added:
             info = self.info(w)
-            if _has_nan(info.key):
+            if info.nan:
                 return False
             self.infos[id(w)] = info
             add.setdefault(self.group_of(w), []).append(info)

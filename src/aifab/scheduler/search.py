@@ -60,11 +60,11 @@ def _reqs(lj: LeafJobs, sl: slice | I64) -> tuple[I64, I64, I64]:
     return grp.g[sl], grp.c[sl], grp.m[sl]
 
 
-def refusal_codes(ctx: Context, lj: LeafJobs, lo: int) -> U8:
-    """For jobs ``lo:`` of the list, the code of the refusal try_job gives before placement in
-    the current state (0: none), checks in try_job's order."""
+def refusal_codes(ctx: Context, lj: LeafJobs, lo: int, hi: int | None = None) -> U8:
+    """For jobs ``lo:hi`` of the list, the code of the refusal try_job gives before placement
+    in the current state (0: none), checks in try_job's order."""
     grp, sess, fairness = lj.group, ctx.sess, ctx.config.fairness
-    sl = slice(lo, lj.n)
+    sl = slice(lo, lj.n if hi is None else hi)
     reqs = _reqs(lj, sl)
     n = len(reqs[0])
     conds: list[tuple[BoolArr, int | U8]] = []
@@ -136,27 +136,44 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
         codes = np.full(refused.size, _CAPACITY, dtype=np.uint8)
         j = n - i
     else:
-        all_codes = refusal_codes(ctx, lj, i)
-        go = todo & (all_codes == 0)
-        if within and fairness is not Fairness.NONE:
-            assert leaf is not None
-            go &= within_mask(leaf, _reqs(lj, slice(i, n)))
-        hits = np.flatnonzero(go)
-        j = int(hits[0]) if hits.size else n - i
-        refused = np.flatnonzero(todo[:j] & (all_codes[:j] != 0))
-        codes = all_codes[refused]
+        # In windows that grow: the job to try is usually near the front of a long list, and
+        # nothing changes between windows (the refused ones of each are marked as one segment).
+        lo, width = i, _WINDOW
+        while True:
+            hi = min(n, lo + width)
+            all_codes = refusal_codes(ctx, lj, lo, hi)
+            todo = lj.done_np[lo:hi] == 0
+            go = todo & (all_codes == 0)
+            if within and fairness is not Fairness.NONE:
+                assert leaf is not None
+                go &= within_mask(leaf, _reqs(lj, slice(lo, hi)))
+            hits = np.flatnonzero(go)
+            j = int(hits[0]) if hits.size else hi - lo
+            refused = np.flatnonzero(todo[:j] & (all_codes[:j] != 0))
+            if refused.size:
+                lj.mark(refused + lo, all_codes[refused], _refused(ctx, lj, checks))
+            if hits.size or hi >= n:
+                return lo + j
+            lo, width = hi, width * 4
     if refused.size:
-        state = Refused(
-            fairness,
-            leaf,
-            checks,
-            sess.total_free_milli,
-            sess.largest_block,
-            sess.shape_failures,
-            sess.messages,
-        )
-        lj.mark(refused + i, codes, state)
+        lj.mark(refused + i, codes, _refused(ctx, lj, checks))
     return i + j
+
+
+_WINDOW = 64  # jobs next_to_try looks at first
+
+
+def _refused(ctx: Context, lj: LeafJobs, checks: bool) -> Refused:
+    sess = ctx.sess
+    return Refused(
+        ctx.config.fairness,
+        lj.leaf,
+        checks,
+        sess.total_free_milli,
+        sess.largest_block,
+        sess.shape_failures,
+        sess.messages,
+    )
 
 
 def block_behind(lj: LeafJobs, i: int, head: str) -> None:
