@@ -183,6 +183,7 @@ def test_server_started_while_its_engine_is_down(site: Site, known: bool) -> Non
         d = p.api.get(f"/v1/workloads/{waiting}").json()
         assert d["phase"] == "pending" and d["attempt"] == 0 and not d["tasks"], d
         assert d["reason"], "a waiting workload says why it waits"
+        assert f"pool {site.pool} is unreachable ({why})" in d["reason"], d["reason"]
         if running is not None:
             d = p.api.get(f"/v1/workloads/{running}").json()
             assert d["phase"] == "running" and d["attempt"] == 1, d["events"]

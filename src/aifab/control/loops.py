@@ -226,10 +226,12 @@ class Controller(Dispatcher, Reconciler):
             self._load_attained(s, [r for r in rows if r.phase == "pending" and r.attempt > 0])
             workloads = [w for r in rows if (w := self._workload(r, runs.get(r.id, []), now)) is not None]
             snapshot = ClusterSnapshot(node_service.core_nodes(s), queue_tree(s), tuple(workloads), now)
+            pool_errors = node_service.pool_errors(s)
             seen = {r.id: (r.phase, r.attempt, r.cancel_requested) for r in rows}
             said = {r.id: r.reason for r in rows if r.phase == "pending"}
         result = run_cycle(snapshot, self.settings.scheduler)
         self._last_mark, self._last_pass = mark, now
+        words = _with_pool_notes(_words(result), pool_errors, workloads)
         with self.db.session() as s:
             decided = {e.workload_id for e in result.evictions} | {b.workload_id for b in result.binds}
             fresh = {
@@ -244,15 +246,13 @@ class Controller(Dispatcher, Reconciler):
                 self.wake.set()  # decide again on what is there now
                 result = replace(result, binds=(), evictions=())
             # Only the waiting workloads whose reason changed are loaded and written.
-            changed = [
-                wid for wid, (_, message) in _words(result).items() if wid in said and said[wid] != message
-            ]
+            changed = [wid for wid, (_, message) in words.items() if wid in said and said[wid] != message]
             pending: dict[str, WorkloadRow] = {}
             for i in range(0, len(changed), 5000):
                 q = select(WorkloadRow).options(_NO_SPEC).where(WorkloadRow.id.in_(changed[i : i + 5000]))
                 pending.update((r.id, r) for r in s.scalars(q))
             runs = _active_runs(s, list(fresh))
-            self._persist(s, result, {**pending, **fresh}, runs, now)
+            self._persist(s, result, words, {**pending, **fresh}, runs, now)
         self.last_result = result
         return result
 
@@ -308,6 +308,7 @@ class Controller(Dispatcher, Reconciler):
         self,
         s: Session,
         result: CycleResult,
+        words: Mapping[str, tuple[ReasonCode, str]],
         rows: dict[str, WorkloadRow],
         runs: dict[str, list[TaskRunRow]],
         now: float,
@@ -355,9 +356,9 @@ class Controller(Dispatcher, Reconciler):
             where = ", ".join(f"task {b.task_index} on {b.node} GPUs {list(b.devices)}" for b in binds)
             transition(s, row, "scheduled", f"attempt {row.attempt}: {where}", now)
         for wid, waiting in rows.items():
-            reason = result.pending.get(wid)
-            if reason is not None and waiting.phase == "pending" and waiting.reason != reason.message:
-                waiting.reason_code, waiting.reason = reason.code.value, reason.message
+            said = words.get(wid)
+            if said is not None and waiting.phase == "pending" and waiting.reason != said[1]:
+                waiting.reason_code, waiting.reason = said[0].value, said[1]
         put_state(s, "fair_shares", {n: r.gpu for n, r in result.fair_shares.items()})
 
 
@@ -371,6 +372,26 @@ _SNAPSHOT_COLUMNS = (
     WorkloadRow.start_time,
     WorkloadRow.last_checkpoint_time,
 )
+
+
+def _with_pool_notes(
+    words: Mapping[str, tuple[ReasonCode, str]], errors: Mapping[str, str], workloads: Iterable[Workload]
+) -> Mapping[str, tuple[ReasonCode, str]]:
+    """A waiting workload that could use a pool whose engine cannot be asked says so (its own
+    pool, or any pool when it names none): the scheduler only sees that the pool has no
+    schedulable node; the control plane knows why."""
+    if not errors:
+        return words
+    out = dict(words)
+    for w in workloads:
+        if w.phase is not WorkloadPhase.PENDING or w.id not in out:
+            continue
+        pools = sorted(errors) if w.node_pool is None else [w.node_pool] if w.node_pool in errors else []
+        if pools:
+            code, message = out[w.id]
+            down = "; ".join(f"pool {p} is unreachable ({errors[p]})" for p in pools)
+            out[w.id] = (code, f"{message}; {down}, its nodes count again once its engine answers")
+    return out
 
 
 def _words(result: CycleResult) -> Mapping[str, tuple[ReasonCode, str]]:

@@ -93,7 +93,7 @@ def listing(s: Session) -> list[dict[str, Any]]:
         u[0] += milli * len(devices or []) / 1000
         u[1] += cpu / 1000
         u[2] += mem
-    unreachable = _pool_errors(s)
+    unreachable = pool_errors(s)
     out = []
     rows = list(s.scalars(select(NodeRow).order_by(NodeRow.name)))
     for pool in sorted(set(unreachable) - {r.pool for r in rows}):
@@ -138,7 +138,7 @@ def _unknown_pool(pool: str, why: str) -> dict[str, Any]:
     }
 
 
-def _pool_errors(s: Session) -> dict[str, str]:
+def pool_errors(s: Session) -> dict[str, str]:
     row = s.get(StateRow, "pool_errors")
     return dict(row.value) if row is not None else {}
 
