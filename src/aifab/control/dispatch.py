@@ -33,6 +33,7 @@ from aifab.control.settings import Settings
 
 LAUNCH_WORKERS = 16  # engine calls in flight at once while dispatching
 LAUNCH_PATIENCE_S = 0.05  # how long a pass waits for its launches before moving on
+ENDED_LOOK_S = 0.005  # while it waits, how often it looks whether a task ended
 # What one launch came to: run id, request, handle (None: it did not start), error, engine away.
 Outcome = tuple[int, LaunchRequest, "dict[str, Any] | None", str, bool]
 
@@ -47,6 +48,7 @@ class Dispatcher:
     _live_runs: int
 
     wake: threading.Event
+    ended: threading.Event  # set when a backend notes a task's end, cleared by the next tick
     _launcher: ThreadPoolExecutor | None = None
     _launch_lock: threading.Lock | None = None
     _inflight: set[int] | None = None  # run ids handed to the launcher, outcome not yet written
@@ -178,7 +180,7 @@ class Dispatcher:
         if not wait:
             # Quick launches (a local process) are written in this pass; slow ones (sbatch, a
             # busy engine) on a later one, without holding the loop.
-            futures.wait([self._launch_later(g) for g in groups], timeout=LAUNCH_PATIENCE_S)
+            self._await_launches([self._launch_later(g) for g in groups])
             self._write_finished_launches()
             return
         if len(groups) == 1:
@@ -187,6 +189,17 @@ class Dispatcher:
             with ThreadPoolExecutor(max_workers=min(LAUNCH_WORKERS, len(groups))) as pool:
                 outcomes = [o for done in pool.map(self._launch_group, groups) for o in done]
         self._write_launches(outcomes)
+
+    def _await_launches(self, pending: list[futures.Future[None]]) -> None:
+        """Up to LAUNCH_PATIENCE_S for the launches, but not past a task's end (``ended``): the
+        room it frees is what the next pass binds, and a slow engine's launch is written on a
+        later pass anyway."""
+        deadline = time.monotonic() + LAUNCH_PATIENCE_S
+        while pending and not self.ended.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            pending = list(futures.wait(pending, timeout=min(left, ENDED_LOOK_S)).not_done)
 
     def _launch_later(self, group: list[tuple[int, LaunchRequest]]) -> futures.Future[None]:
         if self._launcher is None or self._launch_lock is None:

@@ -68,6 +68,7 @@ class Controller(Dispatcher, Reconciler):
         self._policies: dict[str, Policies] = {}
         self.settings = settings
         self.wake = threading.Event()
+        self.ended = threading.Event()  # a task ended since the last tick began (see _watch_ends)
         self.last_result: CycleResult | None = None
         self._spec_cache: dict[str, tuple[dict[str, Any], specs.JobSpec]] = {}
         self._base: dict[str, Workload] = {}
@@ -111,6 +112,7 @@ class Controller(Dispatcher, Reconciler):
         changes what there is to decide, leaves the API at least half of the time."""
         if time.time() - self._last_inventory >= self.settings.inventory_interval:
             self.sync_inventory()
+        self.ended.clear()  # the reconcile below sees every end noted so far
         self.reconcile_once()
         if self._lost_since_inventory:
             self.sync_inventory()
@@ -158,6 +160,7 @@ class Controller(Dispatcher, Reconciler):
             except Exception:  # a hint only: the loop's own passes still find every end
                 continue
             if last is not None and mark != last:
+                self.ended.set()
                 self.wake.set()
             last = mark
 
