@@ -128,6 +128,9 @@ def check_first(doc: dict[str, Any], r: CycleResult) -> None:
         assert set(evicted) == set(exp["evicted"]), f"{name}: evicted {sorted(evicted)}"
     for w, cause in exp.get("eviction_cause", {}).items():
         assert evicted[w].cause.value == cause
+    for w, n in exp.get("tasks_bound", {}).items():
+        got = sum(1 for b in r.binds if b.workload_id == w)
+        assert got == n, f"{name}: {got} tasks of {w} bound, expected {n}"
     for w, node in exp.get("nodes", {}).items():
         got = {b.node for b in r.binds if b.workload_id == w}
         want = set(node) if isinstance(node, list) else {node}

@@ -46,6 +46,13 @@ def task_order(specs: list[TaskSpec]) -> list[int]:
     return sorted(range(len(specs)), key=lambda i: (-specs[i].gpu_need, specs[i].key, i))
 
 
+def no_extras(_: TaskSpec) -> bool:
+    """``extra_ok`` of the actions that evict or move to make room (reclaim, the guarantee,
+    preempt, consolidation): they make room for a gang's minimum and check their quotas for it
+    alone, so they bind no elastic task beyond it (allocate may, within quotas)."""
+    return False
+
+
 def place_workload(
     sess: Session,
     stmt: Statement,

@@ -27,7 +27,7 @@ from aifab.scheduler.checks import limit_refusal
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import Context
 from aifab.scheduler.jobs import I64, LeafJobs, PendingJob, code_bytes, code_table
-from aifab.scheduler.placer import eligible, place_workload
+from aifab.scheduler.placer import eligible, no_extras, place_workload
 from aifab.scheduler.plugins.nodescore import Binpack
 from aifab.scheduler.search import BoolArr, first_match, not_failed, waiting_for_room
 from aifab.scheduler.session import RunJob, Session, Statement, TaskSpec
@@ -176,7 +176,7 @@ def _try(ctx: Context, pj: PendingJob) -> bool:
             stmt.evict(j, EvictionCause.CONSOLIDATE, why, pj.w.id)
             moved.append(j)
         cp = stmt.checkpoint()
-        if place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, ctx.scorer) and all(
+        if place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, ctx.scorer, no_extras) and all(
             _replace(ctx, stmt, j) for j in _needed(sess, stmt, moved, cp)
         ):
             stmt.commit()
@@ -248,7 +248,7 @@ def reclaim_with_moves(
             for j in movers:
                 why_move = f"moved to another node to make room for workload {pj.w.id} (reclaim)"
                 stmt.evict(j, EvictionCause.CONSOLIDATE, why_move, pj.w.id)
-            placed = place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, _OneNode(ni))
+            placed = place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, _OneNode(ni), no_extras)
             if placed and all(_replace(ctx, stmt, j) for j in movers):
                 used = {b.node for b in stmt.binds[start[1] :]}
                 for j in evicted:

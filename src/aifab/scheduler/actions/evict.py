@@ -37,7 +37,7 @@ from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import CAPACITY_CODES, Context
 from aifab.scheduler.fit import WHOLE
 from aifab.scheduler.jobs import I64, LeafJobs, PendingJob, code_bytes, code_table
-from aifab.scheduler.placer import eligible, place_workload, task_order
+from aifab.scheduler.placer import eligible, no_extras, place_workload, task_order
 from aifab.scheduler.search import BoolArr, first_match, not_failed, waiting_for_room, within_mask
 from aifab.scheduler.session import QueueState, RunJob, Session, Statement, Vec
 
@@ -314,7 +314,7 @@ def evict_and_place(
         if not grew:
             break
         cp = stmt.checkpoint()
-        if place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, ctx.scorer):
+        if place_workload(sess, stmt, pj.w, pj.specs, pj.leaf, ctx.scorer, no_extras):
             _keep_only_needed(sess, stmt, evicted, cp)
             stmt.commit()
             pj.bound = pj.done = True
