@@ -212,8 +212,11 @@ def check_invariants(before: ClusterSnapshot, r: CycleResult, quotas: bool = Tru
     for e in r.evictions:
         if e.cause is EvictionCause.GUARANTEE:
             w = ws[e.workload_id]
+            mine = ws[e.for_workload].queue  # the reclaimer's: queues it shares are not checked
+            shared = {mine, *before.queues.ancestors(mine)}
             for q in [w.queue, *before.queues.ancestors(w.queue)]:
-                taken.setdefault(q, []).append(w.allocated.gpu)
+                if q not in shared:
+                    taken.setdefault(q, []).append(w.allocated.gpu)
     for q, sizes in taken.items():
         deserved = before.queues.get(q).deserved.gpu
         most = used_before[q] + bound_to.get(q, 0) - sum(sizes) + max(sizes)

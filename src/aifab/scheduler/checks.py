@@ -67,6 +67,18 @@ def static_refusal(leaf: QueueState, req: Vec) -> Refusal | None:
     return None
 
 
+def quota_refusal(leaf: QueueState, req: Vec, preemptible: bool, static: bool) -> Refusal | None:
+    """The queue checks, in the order try_job makes them: limits, then the non-preemptible
+    quota, then (static quotas) the deserved quota. Every action that binds makes them, in the
+    state it binds in (an earlier bind of the same cycle may have used the room)."""
+    refusal = limit_refusal(leaf, req) if leaf.limits else None
+    if refusal is None and not preemptible:
+        refusal = non_preemptible_refusal(leaf, req)
+    if refusal is None and static:
+        refusal = static_refusal(leaf, req)
+    return refusal
+
+
 def quick_refusal(
     gpu: int,
     free: int,

@@ -26,13 +26,7 @@ import numpy.typing as npt
 
 from aifab.core.decisions import ReasonCode
 from aifab.core.workloads import Workload
-from aifab.scheduler.checks import (
-    Refusal,
-    limit_refusal,
-    non_preemptible_refusal,
-    quick_refusal,
-    static_refusal,
-)
+from aifab.scheduler.checks import Refusal, quick_refusal, quota_refusal
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.pending import Group, JobInfo, PendingIndex
 from aifab.scheduler.session import QueueState, TaskSpec, Vec
@@ -90,11 +84,7 @@ class Refused:
         info = lj.group.infos[i]
         leaf = self.leaf
         if leaf is not None:
-            refusal = limit_refusal(leaf, info.req) if leaf.limits else None
-            if refusal is None and not info.w.preemptible:
-                refusal = non_preemptible_refusal(leaf, info.req)
-            if refusal is None and self.fairness is Fairness.STATIC:
-                refusal = static_refusal(leaf, info.req)
+            refusal = quota_refusal(leaf, info.req, info.w.preemptible, self.fairness is Fairness.STATIC)
             if refusal is not None:
                 return refusal
         got = quick_refusal(

@@ -18,7 +18,7 @@ from aifab.scheduler.checks import (
     limit_refusal,
     non_preemptible_refusal,
     quick_refusal,
-    static_refusal,
+    quota_refusal,
     within_fair,
 )
 from aifab.scheduler.config import Fairness
@@ -101,11 +101,7 @@ def try_job(ctx: Context, pj: PendingJob, within: bool) -> int:
     sess, leaf, fairness = ctx.sess, pj.leaf, ctx.config.fairness
     assert leaf is not None  # jobs without a leaf queue were explained when the context was built
     if fairness is not Fairness.NONE:
-        refusal = limit_refusal(leaf, pj.req) if leaf.limits else None
-        if refusal is None and not pj.w.preemptible:
-            refusal = non_preemptible_refusal(leaf, pj.req)
-        if refusal is None and fairness is Fairness.STATIC:
-            refusal = static_refusal(leaf, pj.req)
+        refusal = quota_refusal(leaf, pj.req, pj.w.preemptible, fairness is Fairness.STATIC)
         if refusal is not None:
             ctx.fail(pj, *refusal)
             return FAILED

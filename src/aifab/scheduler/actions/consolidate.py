@@ -23,7 +23,7 @@ from typing import Any
 
 from aifab.core.decisions import EvictionCause, ReasonCode
 from aifab.scheduler import search
-from aifab.scheduler.checks import limit_refusal
+from aifab.scheduler.checks import quota_refusal
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import Context
 from aifab.scheduler.jobs import I64, LeafJobs, PendingJob, code_bytes, code_table
@@ -53,8 +53,11 @@ def consolidate(ctx: Context) -> None:
             continue
         if pj.req[0] > ctx.sess.total_free_milli:
             continue  # moving work around cannot make room that does not exist
-        if ctx.config.fairness is not Fairness.NONE and limit_refusal(pj.leaf, pj.req) is not None:
-            continue
+        fairness = ctx.config.fairness
+        if fairness is not Fairness.NONE and quota_refusal(
+            pj.leaf, pj.req, pj.w.preemptible, fairness is Fairness.STATIC
+        ):
+            continue  # allocate's binds of this cycle may have used the quota since it tried
         if pj.shape in failed:
             continue
         attempts -= 1

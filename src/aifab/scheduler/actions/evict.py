@@ -32,7 +32,7 @@ import numpy as np
 from aifab.core.decisions import EvictionCause
 from aifab.core.resources import GPU_MILLI
 from aifab.scheduler.actions.consolidate import reclaim_with_moves
-from aifab.scheduler.checks import gpus, limit_refusal, non_preemptible_refusal, within_fair
+from aifab.scheduler.checks import gpus, quota_refusal, within_fair
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import CAPACITY_CODES, Context
 from aifab.scheduler.fit import WHOLE
@@ -247,7 +247,7 @@ def candidates(
         if leaf is None:
             continue
         if ctx.config.fairness is not Fairness.NONE and (
-            limit_refusal(leaf, pj.req) or (not pj.w.preemptible and non_preemptible_refusal(leaf, pj.req))
+            quota_refusal(leaf, pj.req, pj.w.preemptible, ctx.config.fairness is Fairness.STATIC)
         ):
             continue
         yield pj
