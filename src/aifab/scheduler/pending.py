@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from aifab.core.queues import QueueTree
 from aifab.core.workloads import GpuRequestKind, Workload
+from aifab.scheduler.keybounds import has_nan
 from aifab.scheduler.session import TaskSpec, Vec
 
 I64 = npt.NDArray[np.int64]
@@ -50,7 +51,7 @@ class JobInfo:
     def __init__(self, w: Workload, key: tuple[object, ...], cache: SpecCache, hint: int) -> None:
         self.w = w
         self.key = key
-        self.nan = _has_nan(key)
+        self.nan = has_nan(key)  # NaN makes sorting depend on input order
         self.specs, self.req, tasks_key, self.biggest = _static(w, cache, hint)
         req = self.req
         # Group.data's rows except the shape id (which is per index), made once per workload.
@@ -99,11 +100,6 @@ def _static(
             cache.clear()
         cache[key] = got
     return got
-
-
-def _has_nan(key: tuple[object, ...]) -> bool:
-    """NaN is the only float unequal to itself (and it makes sorting depend on input order)."""
-    return any(x.__class__ is float and x != x for x in key)
 
 
 _G, _C, _M, _BIG, _PRIO, _SID, _NPRE = range(7)  # rows of Group.data

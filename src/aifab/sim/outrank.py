@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 
 from aifab.core.workloads import Workload
+from aifab.scheduler.keybounds import has_nan
 from aifab.sim.state import JobState, with_attained
 
 JobKey = Callable[[Workload], tuple[object, ...]]
@@ -40,11 +41,6 @@ class _Desc:
 
     def __lt__(self, other: _Desc) -> bool:
         return other.key < self.key
-
-
-def has_nan(key: tuple[object, ...]) -> bool:
-    """NaN is the only float unequal to itself (and it makes keys stop sorting)."""
-    return any(x.__class__ is float and x != x for x in key)
 
 
 def attained_now(job: JobState, now: float) -> Workload:

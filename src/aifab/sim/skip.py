@@ -76,8 +76,9 @@ from collections.abc import Callable, Mapping
 from aifab.core.resources import GPU_MILLI, Resources
 from aifab.core.workloads import GpuRequestKind, Workload
 from aifab.scheduler.config import Fairness, SchedulerConfig
+from aifab.scheduler.keybounds import has_nan
 from aifab.sim.model import Scenario
-from aifab.sim.outrank import RunningKeys, has_nan
+from aifab.sim.outrank import RunningKeys
 from aifab.sim.state import JobState
 
 JobKey = Callable[[Workload], tuple[object, ...]]

@@ -58,7 +58,7 @@ class RunningView(Workload):
     _gpus: float
     _start: float
 
-    @property  # type: ignore[override]
+    @property
     def attained_gpu_seconds(self) -> float:
         stored: float = _STORED.__get__(self)
         return stored + (self._clock.now - self._start) * self._gpus
