@@ -29,8 +29,8 @@ from aifab.core.snapshot import ClusterSnapshot
 from aifab.core.workloads import Workload, WorkloadPhase
 from aifab.scheduler.config import Fairness, SchedulerConfig
 from aifab.scheduler.fairshare import Columns
-from aifab.scheduler.keybounds import KeyBounds
-from aifab.scheduler.pending import JobKey, PendingIndex
+from aifab.scheduler.keybounds import JobKey, KeyBounds
+from aifab.scheduler.pending import PendingIndex
 from aifab.scheduler.plugins.orders import KEY_NEVER_FALLS, KEY_NEVER_RISES, KEY_STEADY_BELOW
 from aifab.scheduler.session import ViewSlot, node_summary
 from aifab.scheduler.static import NodeFacts, TreeInfo

@@ -28,12 +28,11 @@ import numpy.typing as npt
 
 from aifab.core.queues import QueueTree
 from aifab.core.workloads import GpuRequestKind, Workload
-from aifab.scheduler.keybounds import has_nan
+from aifab.scheduler.keybounds import JobKey, has_nan
 from aifab.scheduler.session import TaskSpec, Vec
 
 I64 = npt.NDArray[np.int64]
 BoolArr = npt.NDArray[np.bool_]
-JobKey = Callable[[Workload], tuple[object, ...]]
 SpecCache = dict[object, tuple[list[TaskSpec], Vec, object, int]]
 _SPEC_CACHE_MAX = 4096
 # The infos of recently seen pending workloads by (identity, job order, memory hint), each entry

@@ -21,14 +21,10 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable
 
 from aifab.core.workloads import Workload
-from aifab.scheduler.keybounds import has_nan
+from aifab.scheduler.keybounds import JobKey, Steady, has_nan
 from aifab.sim.state import JobState, with_attained
-
-JobKey = Callable[[Workload], tuple[object, ...]]
-Steady = Callable[[Workload], float]
 
 
 class _Desc:

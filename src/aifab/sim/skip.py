@@ -71,17 +71,15 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 
 from aifab.core.resources import GPU_MILLI, Resources
 from aifab.core.workloads import GpuRequestKind, Workload
 from aifab.scheduler.config import Fairness, SchedulerConfig
-from aifab.scheduler.keybounds import has_nan
+from aifab.scheduler.keybounds import JobKey, has_nan
 from aifab.sim.model import Scenario
 from aifab.sim.outrank import RunningKeys
 from aifab.sim.state import JobState
-
-JobKey = Callable[[Workload], tuple[object, ...]]
 
 
 def gang_need(wl: Workload) -> int | None:

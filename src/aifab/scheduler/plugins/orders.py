@@ -11,10 +11,10 @@ from collections.abc import Callable
 
 from aifab.core.errors import ValidationError
 from aifab.core.workloads import TaskRequest, Workload
+from aifab.scheduler.keybounds import JobKey
 from aifab.scheduler.session import QueueState, RunJob
 
 QueueKey = Callable[[QueueState], tuple[object, ...]]
-JobKey = Callable[[Workload], tuple[object, ...]]
 VictimKey = Callable[[RunJob], tuple[object, ...]]
 
 INF = float("inf")
