@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import update
 
 from aifab.api.app import ServerContext, create_app
+from aifab.backends.base import Backend
 from aifab.backends.router import PoolRouter
 from aifab.control.db import Database
 from aifab.control.db.models import NodeRow
@@ -56,7 +57,7 @@ class ContractPlatform(Platform):
         """A new control plane over the same store, with a new backend instance."""
         s = self.server
         router = PoolRouter(
-            {self.pool: self.engine.make_backend(s.settings.home)}, kinds={self.pool: self.engine.name}
+            {self.pool: _served(self.engine, s.settings.home)}, kinds={self.pool: self.engine.name}
         )
         controller = Controller(s.db, router, s.settings)
         controller.sync_inventory()
@@ -90,7 +91,7 @@ def cp(engine: Engine, tmp_path: Path) -> Iterator[ContractPlatform]:
     db = Database(settings.database_url)
     db.migrate()
     pool = f"{engine.name}-pool"
-    router = PoolRouter({pool: engine.make_backend(home)}, kinds={pool: engine.name})
+    router = PoolRouter({pool: _served(engine, home)}, kinds={pool: engine.name})
     controller = Controller(db, router, settings)
     controller.sync_inventory()
     with db.session() as s:
@@ -107,6 +108,16 @@ def cp(engine: Engine, tmp_path: Path) -> Iterator[ContractPlatform]:
     yield platform
     _stop_all(platform)
     db.dispose()
+
+
+def _served(engine: Engine, home: Path) -> Backend:
+    """The engine's backend as ``aifab server`` builds a pool's (pools.py): one that keeps a
+    finished task's room until the control plane acknowledges the end (Slurm) waits far longer
+    here than any test does, so an acknowledgement that never comes shows."""
+    backend = engine.make_backend(home)
+    if hasattr(backend, "end_hold_s"):
+        backend.end_hold_s = 600
+    return backend
 
 
 def _stop_all(p: ContractPlatform) -> None:

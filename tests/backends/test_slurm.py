@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
@@ -28,6 +29,7 @@ from aifab.backends.base import (
     TaskState,
     TaskStatus,
 )
+from aifab.backends.slurm import jobscript
 from aifab.backends.slurm import parse as slurm_parse
 from tests.backends.engines import Engine
 from tests.backends.slurm_cluster import GPUS_PER_NODE, NODES, POOL, cluster_of, slurm_engine  # noqa: F401
@@ -170,6 +172,50 @@ def test_end_of_a_job_the_supervisor_did_not_record() -> None:
     assert slurm_parse.end_from_job({"job_state": "FAILED", "exit_code": 9}) == (None, 9)
     assert slurm_parse.end_from_job({"job_state": "CANCELLED", "exit_code": 0}) == (None, signal.SIGTERM)
     assert slurm_parse.end_from_job({"job_state": "TIMEOUT", "exit_code": 0}) == (None, signal.SIGKILL)
+
+
+# -- the supervisor holds a finished job for the control plane (no cluster) ------------------
+
+
+def _supervise(
+    tmp_path: Path, command: list[str], hold_s: float
+) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    """The batch script as Slurm would run it, here on its own: (process, exit record, ack)."""
+    exit_path, ack = tmp_path / "task.exit.json", tmp_path / "task.ack"
+    spec = {
+        "command": command,
+        "workdir": str(tmp_path),
+        "env": {},
+        "start_path": str(tmp_path / "task.start.json"),
+        "exit_path": str(exit_path),
+        "ack_path": str(ack),
+        "hold_s": hold_s,
+    }
+    (tmp_path / "spec.json").write_text(json.dumps(spec))
+    proc = subprocess.Popen([sys.executable, jobscript.__file__, str(tmp_path / "spec.json")])
+    return proc, exit_path, ack
+
+
+def test_a_finished_supervisor_holds_until_its_end_is_acknowledged(tmp_path: Path) -> None:
+    proc, exit_path, ack = _supervise(tmp_path, ["sh", "-c", "exit 3"], hold_s=60)
+    wait_until(exit_path.exists)
+    time.sleep(0.3)
+    assert proc.poll() is None  # the end is on record; the job, and its room, are kept
+    ack.touch()
+    assert proc.wait(timeout=20) == 3
+    assert json.loads(exit_path.read_text())["exit_code"] == 3
+
+
+def test_a_supervisor_told_to_stop_does_not_hold(tmp_path: Path) -> None:
+    proc, exit_path, _ = _supervise(tmp_path, ["true"], hold_s=60)
+    wait_until(exit_path.exists)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+
+
+def test_an_unacknowledged_hold_ends_by_itself(tmp_path: Path) -> None:
+    proc, _, ack = _supervise(tmp_path, ["true"], hold_s=0.5)
+    assert proc.wait(timeout=20) == 0 and not ack.exists()
 
 
 # -- inventory -------------------------------------------------------------------------------
@@ -325,6 +371,32 @@ def test_stop_after_the_end_is_harmless(run: Launcher) -> None:
     run.backend.stop(handle, grace_seconds=0)
     run.backend.kill_overdue()
     assert run.backend.status(handle).exit_code == 4
+
+
+# -- handing a node over ------------------------------------------------------------------------
+
+
+def _slurm_state(run: Launcher, handle: Handle) -> str:
+    return cluster_of(run.engine).slurm("squeue", "-h", "-j", str(handle["job_id"]), "-o", "%T").strip()
+
+
+def test_a_finished_job_keeps_its_room_until_its_end_is_acknowledged(run: Launcher) -> None:
+    run.backend.end_hold_s = 60  # type: ignore[attr-defined]  # as a served pool's (pools.py), longer
+    handle = run.launch("raise SystemExit(3)")
+    assert wait_for_end(run.backend, handle).exit_code == 3  # the end is known at once...
+    assert _slurm_state(run, handle) == "RUNNING"  # ...while Slurm still holds the room
+    run.backend.acknowledge_ends([handle])  # type: ignore[attr-defined]
+    wait_until(lambda: _slurm_state(run, handle) != "RUNNING")  # well before the 60 s
+    assert run.backend.status(handle).exit_code == 3
+
+
+def test_a_stopped_job_does_not_wait_for_an_acknowledgement(run: Launcher) -> None:
+    run.backend.end_hold_s = 60  # type: ignore[attr-defined]
+    handle = run.launch(SAVES_ON_SIGTERM)
+    wait_ready(run.backend, handle)
+    run.backend.stop(handle, grace_seconds=10)
+    assert wait_for_end(run.backend, handle).exit_code == 0
+    wait_until(lambda: _slurm_state(run, handle) != "RUNNING", timeout=30)
 
 
 # -- the control plane restarts ----------------------------------------------------------------

@@ -9,12 +9,14 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from aifab.api.app import ServerContext, create_app
+from aifab.backends.base import LaunchRequest
 from aifab.backends.ends import journal_mark, note_end
 from aifab.control.db.models import TaskRunRow
 from aifab.control.server import Server, build
@@ -122,3 +124,47 @@ def test_a_launch_interrupted_by_a_crash_is_made_once_by_the_next_process(tmp_pa
         assert marker.read_text().splitlines() == ["run"]
     finally:
         second.db.dispose()
+
+
+def test_an_end_is_acknowledged_once_the_launch_taking_its_room_returned(
+    slow_polls: tuple[Server, TestClient],
+) -> None:
+    """An engine that keeps a finished task's room until the control plane acknowledges the
+    end (Slurm's end_hold_s) hears it after the launch of what takes the room, not before."""
+    server, api = slow_polls
+    router = server.backend
+    entered, proceed, launched_b = threading.Event(), threading.Event(), threading.Event()
+    acknowledged: list[tuple[dict[str, Any], bool]] = []  # (handle, b's launch had returned)
+    real_launch = router.launch
+    names: dict[str, str] = {}
+
+    def launch(req: LaunchRequest) -> dict[str, Any]:
+        if names.get(req.workload_id) != "b":
+            return real_launch(req)
+        entered.set()
+        proceed.wait(30)
+        handle = real_launch(req)
+        launched_b.set()
+        return handle
+
+    def acknowledge_ends(handles: list[dict[str, Any]]) -> None:
+        acknowledged.extend((h, launched_b.is_set()) for h in handles)
+
+    router.launch = launch  # type: ignore[method-assign]
+    router.acknowledge_ends = acknowledge_ends  # type: ignore[method-assign]
+    assert api.post("/v1/projects", json={"name": "p"}).status_code == 201
+    spec = {"kind": "job", "project": "p", "command": ["true"], "resources": {"gpus": 2}}
+    for name in "ab":
+        names[api.post("/v1/workloads", json={**spec, "name": name}).json()["id"]] = name
+    a, b = sorted(names, key=names.__getitem__)
+    assert entered.wait(20), "b was never launched into the room a left"
+    with server.db.read_session() as s:
+        a_handle = next(s.scalars(select(TaskRunRow).where(TaskRunRow.workload_id == a))).handle
+    time.sleep(0.5)  # a loop that acknowledged too early would have done so by now
+    assert all(h != a_handle for h, _ in acknowledged)
+    proceed.set()
+    assert _wait_phase(api, b, {"succeeded", "failed"})["phase"] == "succeeded"
+    deadline = time.time() + 20
+    while (a_handle, True) not in acknowledged:
+        assert time.time() < deadline, acknowledged
+        time.sleep(0.05)

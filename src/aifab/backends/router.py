@@ -12,6 +12,7 @@ An engine that cannot be reached does not take the others down: its inventory ca
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -56,6 +57,7 @@ class PoolRouter:
         # Handles written before pools existed carry no pool: they belong to the first pool.
         self.default_pool = default_pool or next(iter(self.pools))
         self._node_pool: dict[str, str] = {}
+        self._marks: dict[str, tuple[float, object]] = {}  # pool -> (when asked, its exit mark)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -144,14 +146,23 @@ class PoolRouter:
 
     def exit_marks(self) -> tuple[object, ...]:
         """One mark per pool that keeps an ends journal (see :mod:`aifab.backends.ends`): the
-        tuple changes when a task of any pool ends. A pool that cannot say gives None."""
+        tuple changes when a task of any pool ends. A pool that cannot say gives None. A
+        backend whose mark costs a round trip (Ray's key-value store) says how often it may be
+        asked (``exit_mark_every_s``); until then its last mark stands."""
         marks: list[object] = []
-        for backend in self.pools.values():
+        now = time.monotonic()
+        for pool, backend in self.pools.items():
             mark = getattr(backend, "exit_mark", None)
+            asked_at, last = self._marks.get(pool, (None, None))
+            if asked_at is not None and now - asked_at < getattr(backend, "exit_mark_every_s", 0.0):
+                marks.append(last)
+                continue
             try:
-                marks.append(mark() if mark is not None else None)
+                got = mark() if mark is not None else None
             except BackendError:
-                marks.append(None)
+                got = None
+            self._marks[pool] = (now, got)
+            marks.append(got)
         return tuple(marks)
 
     def release(self, handle: Handle) -> None:
@@ -160,6 +171,17 @@ class PoolRouter:
         release = getattr(backend, "release", None)
         if release is not None:
             release(_inner(handle))
+
+    def acknowledge_ends(self, handles: list[Handle]) -> None:
+        """Tell each engine that keeps a finished task's room until the control plane has
+        acted on its end (Slurm's ``end_hold_s``) that it may let go now."""
+        by_pool: dict[str, list[Handle]] = {}
+        for handle in handles:
+            by_pool.setdefault(handle.get(POOL_KEY, self.default_pool), []).append(_inner(handle))
+        for pool, inner in by_pool.items():
+            acknowledge = getattr(self.pools.get(pool), "acknowledge_ends", None)
+            if acknowledge is not None:
+                acknowledge(inner)
 
 
 def _inner(handle: Handle) -> Handle:

@@ -54,12 +54,14 @@ class Dispatcher:
     _inflight: set[int] | None = None  # run ids handed to the launcher, outcome not yet written
     _launched: list[Outcome] | None = None  # outcomes the launcher finished, not yet written
     _recovered = False
+    _pass_launches: list[futures.Future[None]]  # the launches the last pass handed to the launcher
 
     def dispatch_once(self, *, wait: bool = True) -> None:
         """Stop what must stop, then launch what is bound. ``wait=False`` (the server's loop)
         hands launches to a pool of threads and writes their outcomes on a later pass, so a slow
         engine round trip (one ``sbatch``) never holds the loop: exits are noticed and rooms
         reused meanwhile."""
+        self._pass_launches = []
         self._write_finished_launches()
         self._stop_requested()
         claimed = self._claim_launches()
@@ -180,7 +182,8 @@ class Dispatcher:
         if not wait:
             # Quick launches (a local process) are written in this pass; slow ones (sbatch, a
             # busy engine) on a later one, without holding the loop.
-            self._await_launches([self._launch_later(g) for g in groups])
+            self._pass_launches = [self._launch_later(g) for g in groups]
+            self._await_launches(self._pass_launches)
             self._write_finished_launches()
             return
         if len(groups) == 1:
@@ -189,6 +192,35 @@ class Dispatcher:
             with ThreadPoolExecutor(max_workers=min(LAUNCH_WORKERS, len(groups))) as pool:
                 outcomes = [o for done in pool.map(self._launch_group, groups) for o in done]
         self._write_launches(outcomes)
+
+    def acknowledge_after_launches(self, handles: list[dict[str, Any]]) -> None:
+        """Acknowledge the ends of ``handles`` to their engines once the launches of the last
+        pass are in (``sbatch`` returned): the tasks that take the freed room are queued in the
+        engine by then. Only a hint: an engine that holds a finished task's room lets it go
+        after a while anyway, so failures are ignored."""
+        if not handles:
+            return
+        pending = [f for f in self._pass_launches if not f.done()]
+        if not pending:
+            self._acknowledge(handles)
+            return
+        left, lock = [len(pending)], threading.Lock()
+
+        def one_done(_: futures.Future[None]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                self._acknowledge(handles)
+
+        for f in pending:
+            f.add_done_callback(one_done)
+
+    def _acknowledge(self, handles: list[dict[str, Any]]) -> None:
+        try:
+            self.backend.acknowledge_ends(handles)
+        except Exception as exc:  # a hint: the engine lets the room go after a while anyway
+            print(f"aifab: acknowledging ends failed: {exc!r}", flush=True)
 
     def _await_launches(self, pending: list[futures.Future[None]]) -> None:
         """Up to LAUNCH_PATIENCE_S for the launches, but not past a task's end (``ended``): the

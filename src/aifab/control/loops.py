@@ -51,7 +51,7 @@ from aifab.core.workloads import (
 from aifab.scheduler import run_cycle
 from aifab.scheduler.explain import Reasons
 
-ENDS_WATCH_S = 0.02  # seconds between looks at the backends' ends journals while tasks run
+ENDS_WATCH_S = 0.005  # seconds between looks at the backends' ends journals while tasks run
 FULL_PASS_EVERY = 10.0  # seconds: a pass runs at least this often (clock-driven changes: min runtime)
 # Specs are loaded (and validated) once per workload and cached: decoding 10,000 JSON specs on
 # every pass was most of a pass.
@@ -78,6 +78,8 @@ class Controller(Dispatcher, Reconciler):
         self._last_pass = 0.0
         self._next_schedule_at = 0.0  # monotonic; see tick(paced=True)
         self._schedule_deferred = False
+        self._ended_handles = []
+        self._pass_launches = []
 
     # ----- inventory -----------------------------------------------------------------------
     def sync_inventory(self) -> None:
@@ -109,20 +111,27 @@ class Controller(Dispatcher, Reconciler):
     def tick(self, now: float | None = None, *, paced: bool = False) -> None:
         """One pass of every loop. ``paced`` (the server's loop): a schedule pass starts no sooner
         after the previous one than that one took, so a stream of submissions, each of which
-        changes what there is to decide, leaves the API at least half of the time."""
+        changes what there is to decide, leaves the API at least half of the time; except right
+        after tasks ended, whose room would otherwise stay idle (ends come no faster than the
+        cluster runs tasks)."""
         if time.time() - self._last_inventory >= self.settings.inventory_interval:
             self.sync_inventory()
         self.ended.clear()  # the reconcile below sees every end noted so far
         self.reconcile_once()
         if self._lost_since_inventory:
             self.sync_inventory()
-        self._schedule_deferred = paced and time.monotonic() < self._next_schedule_at
+        self._schedule_deferred = (
+            paced and not self._ended_handles and time.monotonic() < self._next_schedule_at
+        )
+        acted_on: list[dict[str, Any]] = []  # ends whose room this pass gives out
         if not self._schedule_deferred:
+            acted_on, self._ended_handles = self._ended_handles, []
             started = time.monotonic()
             self.schedule_once(now)
             ended = time.monotonic()
             self._next_schedule_at = ended + (ended - started)
         self.dispatch_once(wait=not paced)
+        self.acknowledge_after_launches(acted_on)
 
     def run(self, stop: threading.Event) -> None:
         """Loop until ``stop``: whenever woken, every ``busy_interval`` while tasks run (an exit

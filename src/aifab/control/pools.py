@@ -67,6 +67,9 @@ class SlurmPool(_Pool):
     # What a task asks Slurm for when its spec says nothing (Slurm would give it a whole node).
     default_memory_mib: Annotated[int, Field(gt=0)] = 1024
     python: str | None = None  # the interpreter of the batch script on the nodes (default: the server's)
+    # How long a finished job keeps its allocation waiting for the control plane to acknowledge
+    # its end, so the task that takes its room is queued in Slurm before it goes (0: never).
+    end_hold_s: Annotated[float, Field(ge=0, le=60)] = 1.0
 
 
 PoolConfig = Annotated[LocalPool | RayPool | SlurmPool, Field(discriminator="backend")]
@@ -135,4 +138,5 @@ def build_backend(pool: str, cfg: PoolConfig, home: Path) -> Backend:
         virtual_gpus=cfg.virtual_gpus,
         default_memory_mib=cfg.default_memory_mib,
         python=cfg.python or sys.executable,
+        end_hold_s=cfg.end_hold_s,
     )

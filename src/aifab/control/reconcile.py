@@ -79,6 +79,9 @@ class Reconciler:
     _policies: dict[str, Policies]
     _live_runs: int
     _releaser: ThreadPoolExecutor | None = None
+    # Handles of tasks whose end a pass recorded, until a schedule pass has acted on the room
+    # they freed (see Dispatcher.acknowledge_after_launches).
+    _ended_handles: list[dict[str, Any]]
     # A task was found lost: its node may be gone, so the next schedule pass should not place
     # anything there before the inventory is taken again.
     _lost_since_inventory = False
@@ -177,6 +180,7 @@ class Reconciler:
             r.exit_code = st.exit_code if st.state is TaskState.EXITED else None
             r.finished_at = st.finished_at or time.time()
             r.state = "exited" if st.state is TaskState.EXITED else "lost"
+            self._ended_handles.append(dict(r.handle or {}))
             if r.state == "lost":
                 self._lost_since_inventory = True
                 what = (

@@ -126,6 +126,8 @@ class RayBackend:
 
     # -- inventory ----------------------------------------------------------------------------
 
+    exit_mark_every_s = 0.02  # each look is a round trip to Ray's key-value store
+
     def exit_mark(self) -> str:
         """Changes whenever one of this backend's tasks ends (see :mod:`aifab.backends.ends`):
         the runners overwrite one record at every end."""

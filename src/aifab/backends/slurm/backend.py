@@ -26,10 +26,17 @@ command's process group (so the command sees it once); past the deadline ``kill_
 SIGUSR2, which the supervisor turns into SIGKILL for the group. A job whose supervisor is not
 running yet (pending) is simply cancelled. Deadlines live in files, so a restarted control
 plane enforces them.
+
+Handing a node over: with ``end_hold_s`` > 0 a job whose command ended keeps its allocation
+until the control plane calls ``acknowledge_ends`` (it has recorded the end and submitted what
+takes the room), at most that long. Slurm starts queued batch jobs at its once-a-second
+scheduling pass, or at once when an ending job's node reports back late; the successor is then
+queued already and may start at once, instead of at the next pass (``docs/benchmarks.md``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -106,6 +113,7 @@ class SlurmBackend:
         sbatch_args: Sequence[str] = (),
         command_timeout_s: float = 30.0,
         status_cache_s: float = 2.0,
+        end_hold_s: float = 0.0,
     ) -> None:
         if not python or any(ch.isspace() for ch in python):
             raise BackendError(f"the batch script's interpreter must be a path without spaces: {python!r}")
@@ -121,6 +129,9 @@ class SlurmBackend:
         self.default_cpus = default_cpus
         self.default_memory_mib = default_memory_mib
         self.sbatch_args = tuple(sbatch_args)
+        # How long a finished job waits for acknowledge_ends (jobscript.Supervisor.await_ack).
+        # 0 without a control plane that acknowledges: nobody would, and every job would linger.
+        self.end_hold_s = end_hold_s
         self.cli = SlurmCli(slurm_conf, timeout_s=command_timeout_s)
         self.jobs = JobTable(self.cli, ttl_s=status_cache_s)
         self._lock = threading.Lock()
@@ -221,8 +232,10 @@ class SlurmBackend:
             "start_path": str(files.start),
             "exit_path": str(files.exit),
             "ends_path": str(self.state_dir / ENDS_FILE),
+            "ack_path": str(files.ack),
+            "hold_s": self.end_hold_s,
         }
-        for stale in (files.start, files.exit, files.stop):
+        for stale in (files.start, files.exit, files.stop, files.ack):
             stale.unlink(missing_ok=True)  # left by a job that never got a handle
         fd = os.open(files.spec, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -324,6 +337,16 @@ class SlurmBackend:
         if indices or not parse.wants_gpus(job):
             return indices
         return parse.gpu_indices(parse.scontrol_gres_details(self.cli.show_job(task.job_id))) or None
+
+    def acknowledge_ends(self, handles: Sequence[Handle]) -> None:
+        """The control plane has recorded these tasks' ends and queued what takes their room:
+        their jobs may end now (see :meth:`jobscript.Supervisor.await_ack`)."""
+        for handle in handles:
+            ack = handle.get("ack_path")
+            if not ack:
+                continue  # launched before acknowledgements existed: its job does not wait
+            with contextlib.suppress(OSError):  # the run's folder is gone: nobody waits either
+                Path(ack).touch()
 
     # -- stop -------------------------------------------------------------------------------
 

@@ -15,7 +15,12 @@ its one argument. On the compute node it:
   itself treats ``scancel --signal=KILL`` as a cancel (SIGTERM, then SIGKILL after KillWait);
 * writes how the command ended (exit code or signal) to the exit file: Slurm forgets the job
   MinJobAge seconds after it ends, and without slurmdbd ``sacct`` cannot tell it later; then
-  appends a byte to the backend's ends journal, so the control plane looks at once.
+  appends a byte to the backend's ends journal, so the control plane looks at once;
+* then keeps the job (and its allocation) until the control plane acknowledges the end, at
+  most ``hold_s`` seconds, unless it was told to stop. Slurm starts a queued batch job at its
+  once-a-second scheduling pass, or at once when an ending job's node reports it done: only a
+  job already queued then starts at once. The control plane acknowledges after it has queued
+  what takes this room, so that job can start the moment this one is gone.
 
 It exits with the command's code (128 + N after signal N), so Slurm's own record agrees.
 Nothing here may import aifab: the compute node needs only a Python 3 and the shared folder.
@@ -40,6 +45,7 @@ EXIT_NOT_FOUND = 127
 SIGNAL_EXIT_BASE = 128
 RELAYED = (signal.SIGTERM, signal.SIGINT)
 KILL_NOW = signal.SIGUSR2
+ACK_POLL_S = 0.003  # how often a finished supervisor looks for the control plane's acknowledgement
 _PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
@@ -130,11 +136,15 @@ class Supervisor:
         self.start_path = Path(spec["start_path"])
         self.exit_path = Path(spec["exit_path"])
         self.ends_path = spec.get("ends_path")  # aifab.backends.ends: the end, as a hint
+        self.ack_path = spec.get("ack_path")  # written by the control plane once it has the end
+        self.hold_s = float(spec.get("hold_s") or 0.0)
+        self.signalled = False  # told to stop: the end is not waited over
         self.job_id = os.environ.get("SLURM_JOB_ID", "")
         self.child: subprocess.Popen[bytes] | None = None
         self.early_signals: list[int] = []
 
     def on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        self.signalled = True
         if self.child is None:
             self.early_signals.append(signum)
         elif signum == KILL_NOW:
@@ -224,7 +234,17 @@ class Supervisor:
         if self.ends_path:  # one byte, O_APPEND (the same as aifab.backends.ends.note_end)
             with contextlib.suppress(OSError), open(self.ends_path, "ab") as journal:
                 journal.write(b".")
+        self.await_ack()
         return returncode if returncode >= 0 else SIGNAL_EXIT_BASE - returncode
+
+    def await_ack(self) -> None:
+        """Hold the job until the control plane's acknowledgement (see the module docstring),
+        at most ``hold_s``; not when told to stop, and not at all without a control plane."""
+        if not self.ack_path or self.hold_s <= 0:
+            return
+        deadline = time.monotonic() + self.hold_s
+        while not self.signalled and time.monotonic() < deadline and not os.path.exists(self.ack_path):
+            time.sleep(ACK_POLL_S)
 
 
 def main(argv: list[str]) -> int:

@@ -72,6 +72,7 @@ def new_handle(req: LaunchRequest, job_id: str, files: TaskFiles, log_path: Path
         "start_path": str(files.start),
         "exit_path": str(files.exit),
         "stop_path": str(files.stop),
+        "ack_path": str(files.ack),
         "log_path": str(log_path),
     }
 
@@ -85,6 +86,7 @@ class TaskFiles:
     start: Path
     exit: Path
     stop: Path
+    ack: Path  # the control plane's acknowledgement of the end (see jobscript.Supervisor.await_ack)
     default_log: Path
 
     @classmethod
@@ -99,6 +101,7 @@ class TaskFiles:
             start=run_dir / f"{stem}.start.json",
             exit=run_dir / f"{stem}.exit.json",
             stop=run_dir / f"{stem}.stop.json",
+            ack=run_dir / f"{stem}.ack",
             default_log=root / "logs" / req.workload_id / str(req.attempt) / f"{stem}.log",
         )
 
