@@ -52,17 +52,21 @@ from aifab.backends.base import (
     TaskStatus,
 )
 from aifab.backends.ends import ENDS_FILE, journal_mark
+from aifab.backends.local.processes import (
+    CREATE_TIME_TOLERANCE_S,
+    Task,
+    group_alive,
+    same_start,
+    signal_group,
+    start_ticks,
+    wrapper_alive,
+)
 
 WRAPPER_MODULE = "aifab.backends.local.wrapper"
 HANDLE_VERSION = 1
-# Creation times are computed from the boot time, which the kernel re-derives from the wall
-# clock: two processes can see it differ by up to a second. Identity also checks the wrapper's
-# command line (it names the task's own spec file), so the tolerance costs no safety.
-_CREATE_TIME_TOLERANCE_S = 1.0
 _SAFE_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")  # ids become directory names
 _REMEMBERED_RETURNCODES = 4096
 _WRAPPER_HANDLED = {signal.SIGTERM, signal.SIGINT}
-_HANDLE_KEYS = ("pid", "pgid", "create_time", "spec_path", "exit_path", "stop_path", "log_path")
 _WORLD_KEYS = {
     "master_addr": "MASTER_ADDR",
     "master_port": "MASTER_PORT",
@@ -125,39 +129,6 @@ class _TaskFiles:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class _Task:
-    """The parts of a handle this backend relies on."""
-
-    pid: int
-    pgid: int
-    create_time: float
-    spec_path: Path
-    exit_path: Path
-    stop_path: Path
-    log_path: Path
-    start_ticks: int | None = None  # handles written before it was recorded have none
-
-    @classmethod
-    def of(cls, handle: Handle) -> _Task:
-        missing = [k for k in _HANDLE_KEYS if k not in handle]
-        if missing:
-            raise BackendError(f"not a local-backend handle: it lacks {', '.join(missing)}")
-        try:
-            return cls(
-                pid=int(handle["pid"]),
-                pgid=int(handle["pgid"]),
-                create_time=float(handle["create_time"]),
-                spec_path=Path(handle["spec_path"]),
-                exit_path=Path(handle["exit_path"]),
-                stop_path=Path(handle["stop_path"]),
-                log_path=Path(handle["log_path"]),
-                start_ticks=int(handle["start_ticks"]) if handle.get("start_ticks") is not None else None,
-            )
-        except (TypeError, ValueError) as exc:
-            raise BackendError(f"malformed local-backend handle: {exc}") from exc
-
-
 class _Children:
     """Wrappers this Python process started. They must be waited for or they stay zombies
     (which also look alive to ``kill(pid, 0)``). Shared by every LocalBackend in the process;
@@ -183,10 +154,10 @@ class _Children:
             while len(self._returncodes) > _REMEMBERED_RETURNCODES:
                 del self._returncodes[next(iter(self._returncodes))]
 
-    def returncode(self, task: _Task) -> int | None:
+    def returncode(self, task: Task) -> int | None:
         with self._lock:
             for (pid, create_time), returncode in self._returncodes.items():
-                if pid == task.pid and _same_start(create_time, task.create_time):
+                if pid == task.pid and same_start(create_time, task.create_time):
                     return returncode
         return None
 
@@ -206,7 +177,7 @@ class LocalBackend:
         self.root = Path(root)
         self.node = node
         self._lock = threading.Lock()
-        self._deadlines: dict[Path, tuple[_Task, float]] = {}  # by stop file
+        self._deadlines: dict[Path, tuple[Task, float]] = {}  # by stop file
         self._deadlines_loaded = False
 
     def inventory(self) -> list[NodeInfo]:
@@ -259,19 +230,19 @@ class LocalBackend:
     # -- status -----------------------------------------------------------------------------
 
     def status(self, handle: Handle) -> TaskStatus:
-        task = _Task.of(handle)
+        task = Task.of(handle)
         _CHILDREN.reap()
         recorded = _read_exit(task.exit_path)
         if recorded is not None:
             return recorded
-        if _wrapper_alive(task):
+        if wrapper_alive(task):
             return TaskStatus(TaskState.RUNNING)
         return _settle_unrecorded_end(task)
 
     # -- stop -------------------------------------------------------------------------------
 
     def stop(self, handle: Handle, grace_seconds: float) -> None:
-        task = _Task.of(handle)
+        task = Task.of(handle)
         if task.exit_path.exists():
             return  # it ended, and its wrapper already swept the group
         deadline = _record_stop(task, handle, grace_seconds)
@@ -279,7 +250,7 @@ class LocalBackend:
             self._deadlines[task.stop_path] = (task, deadline)
         # The stop file is written first: it tells the wrapper the command got this signal
         # from the kernel, so the wrapper does not relay a second copy.
-        _signal_group(task, signal.SIGTERM if grace_seconds > 0 else signal.SIGKILL)
+        signal_group(task, signal.SIGTERM if grace_seconds > 0 else signal.SIGKILL)
 
     def kill_overdue(self) -> None:
         self._load_deadlines_once()
@@ -288,10 +259,10 @@ class LocalBackend:
         with self._lock:
             pending = list(self._deadlines.items())
         for stop_path, (task, deadline) in pending:
-            if not _group_alive(task):
+            if not group_alive(task):
                 with self._lock:
                     self._deadlines.pop(stop_path, None)
-            elif now >= deadline and _signal_group(task, signal.SIGKILL):
+            elif now >= deadline and signal_group(task, signal.SIGKILL):
                 _mark_killed(task, now)
 
     def _load_deadlines_once(self) -> None:
@@ -308,7 +279,7 @@ class LocalBackend:
     # -- logs -------------------------------------------------------------------------------
 
     def read_log(self, handle: Handle, offset: int = 0, limit: int = 1 << 20) -> tuple[bytes, int]:
-        task = _Task.of(handle)
+        task = Task.of(handle)
         if offset < 0 or limit < 0:
             raise BackendError(f"offset and limit must be >= 0, got {offset} and {limit}")
         try:
@@ -426,99 +397,13 @@ def _handle(req: LaunchRequest, proc: subprocess.Popen[bytes], files: _TaskFiles
         "pid": proc.pid,
         "pgid": proc.pid,  # start_new_session makes the wrapper its group's leader
         "create_time": create_time,
-        "start_ticks": _start_ticks(proc.pid),
+        "start_ticks": start_ticks(proc.pid),
         "started_at": time.time(),
         "spec_path": str(files.spec),
         "exit_path": str(files.exit),
         "stop_path": str(files.stop),
         "log_path": str(log_path),
     }
-
-
-# -- process identity --------------------------------------------------------------------------
-
-
-def _same_start(a: float, b: float) -> bool:
-    return abs(a - b) <= _CREATE_TIME_TOLERANCE_S
-
-
-def _start_ticks(pid: int) -> int | None:
-    """When the process started, in clock ticks since boot (``/proc/<pid>/stat``, field 22).
-    Unlike psutil's wall-clock creation time (boot time + ticks), it does not move when the
-    system clock is stepped: a stepped clock must never make a live wrapper look like a stranger
-    (its task would be settled as killed). None where there is no such file."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_bytes()
-        return int(raw[raw.rindex(b")") + 2 :].split()[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _is_our_wrapper(proc: psutil.Process, task: _Task) -> bool:
-    """True if ``proc`` is this task's wrapper, not a process that was given a recycled pid.
-    Raises psutil.AccessDenied when that cannot be told (another user's process)."""
-    try:
-        ticks = _start_ticks(proc.pid) if task.start_ticks is not None else None
-        if ticks is not None:
-            if ticks != task.start_ticks:
-                return False
-        elif not _same_start(proc.create_time(), task.create_time):
-            return False
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return True  # its command line is gone; the creation time has to do
-        return str(task.spec_path) in proc.cmdline()
-    except psutil.NoSuchProcess:
-        return False
-
-
-def _wrapper_alive(task: _Task) -> bool:
-    try:
-        proc = psutil.Process(task.pid)
-        return _is_our_wrapper(proc, task) and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied as exc:
-        # Concluding "gone" here would record a false end for a task that may be running.
-        raise BackendError(
-            f"cannot inspect pid {task.pid}: permission denied (is the control plane running as "
-            "another user than the one that launched the task?)"
-        ) from exc
-
-
-def _group_is_ours(task: _Task) -> bool:
-    """Whether the process group ``task.pgid`` is still this task's (safe to signal)."""
-    try:
-        return _is_our_wrapper(psutil.Process(task.pgid), task)
-    except psutil.AccessDenied:
-        return False  # never signal what we cannot identify
-    except psutil.NoSuchProcess:
-        # The leader is gone. Linux does not hand out a number still in use as a group id, so
-        # if members remain they are ours. (A recycled number would need the group to empty,
-        # the pid to come round again, and its new leader to die before its members: ignored.)
-        return True
-
-
-def _group_alive(task: _Task) -> bool:
-    if not _group_is_ours(task):
-        return False
-    for pid in group_members(task.pgid):
-        try:
-            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            continue
-    return False
-
-
-def _signal_group(task: _Task, signum: int) -> bool:
-    """Signal the task's whole process group if it is still the task's; True if sent."""
-    if not _group_is_ours(task):
-        return False
-    try:
-        os.killpg(task.pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        return False
-    return True
 
 
 # -- exit records (written by the wrapper, read here) ------------------------------------------
@@ -541,20 +426,6 @@ def exit_record(returncode: int) -> dict[str, Any]:
         "signal": -returncode if returncode < 0 else None,
         "finished_at": time.time(),
     }
-
-
-def group_members(pgid: int, exclude: int | None = None) -> list[int]:
-    """The pids in process group ``pgid`` (zombies included)."""
-    members = []
-    for pid in psutil.pids():
-        if pid == exclude:
-            continue
-        try:
-            if os.getpgid(pid) == pgid:
-                members.append(pid)
-        except (ProcessLookupError, PermissionError):
-            continue
-    return members
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -581,18 +452,18 @@ def _read_exit(path: Path) -> TaskStatus | None:
     )
 
 
-def _settle_unrecorded_end(task: _Task) -> TaskStatus:
+def _settle_unrecorded_end(task: Task) -> TaskStatus:
     """The wrapper is gone. Either it wrote its record after our first look, or it was killed
     by a signal it cannot catch before it could write one (see the module docstring)."""
     _CHILDREN.reap()  # it may have ended since status() last reaped
     recorded = _read_exit(task.exit_path)
     if recorded is not None:
         return recorded
-    _signal_group(task, signal.SIGKILL)  # the wrapper's last duty: leave nothing unsupervised
+    signal_group(task, signal.SIGKILL)  # the wrapper's last duty: leave nothing unsupervised
     returncode = _CHILDREN.returncode(task)
     if returncode is not None:
         record = exit_record(returncode)
-    elif not task.spec_path.exists() or psutil.boot_time() > task.create_time + _CREATE_TIME_TOLERANCE_S:
+    elif not task.spec_path.exists() or psutil.boot_time() > task.create_time + CREATE_TIME_TOLERANCE_S:
         return TaskStatus(TaskState.UNKNOWN)
     else:
         record = {"exit_code": None, "signal": int(signal.SIGKILL), "finished_at": time.time()}
@@ -620,7 +491,7 @@ def _persist_inferred(path: Path, record: dict[str, Any]) -> TaskStatus:
 # -- stop records ------------------------------------------------------------------------------
 
 
-def _record_stop(task: _Task, handle: Handle, grace_seconds: float) -> float:
+def _record_stop(task: Task, handle: Handle, grace_seconds: float) -> float:
     """Persist the SIGKILL deadline; a repeated stop never extends an earlier one."""
     now = time.time()
     deadline = now + max(grace_seconds, 0.0)
@@ -633,19 +504,19 @@ def _record_stop(task: _Task, handle: Handle, grace_seconds: float) -> float:
     return deadline
 
 
-def _mark_killed(task: _Task, when: float) -> None:
+def _mark_killed(task: Task, when: float) -> None:
     record = _read_json(task.stop_path) or {}
     with contextlib.suppress(OSError):
         write_json_atomic(task.stop_path, {**record, "killed_at": record.get("killed_at") or when})
 
 
-def _load_stop(stop_path: Path) -> tuple[_Task, float] | None:
+def _load_stop(stop_path: Path) -> tuple[Task, float] | None:
     """A persisted deadline still worth enforcing (None for tasks whose end is recorded)."""
     try:
         record = _read_json(stop_path)
         if record is None:
             return None
-        task = _Task.of(record["handle"])
+        task = Task.of(record["handle"])
         if task.exit_path.exists():
             return None
         return task, float(record["deadline"])

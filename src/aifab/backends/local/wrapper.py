@@ -24,7 +24,8 @@ from pathlib import Path
 from types import FrameType
 
 from aifab.backends.ends import note_end
-from aifab.backends.local.executor import exit_record, group_members, write_json_atomic
+from aifab.backends.local.executor import exit_record, write_json_atomic
+from aifab.backends.local.processes import group_members
 
 EXIT_CANNOT_RUN = 126  # the shell's codes, so users read them as they would from a shell
 EXIT_NOT_FOUND = 127
