@@ -166,3 +166,30 @@ def test_a_requeued_workload_with_hours_of_service_waits_behind_fresh_ones(platf
     assert result is not None
     assert sorted(b.workload_id for b in result.binds) == sorted(ids[1:])  # 2 GPUs: the fresh ones
     assert ids[0] in result.pending
+
+
+def test_projects_show_the_fair_shares_of_the_last_pass(platform: Platform) -> None:
+    make_project(platform, "vision", deserved=1)
+    make_project(platform, "nlp", deserved=1)
+    sleeper = "import time; time.sleep(60)"
+
+    def submit(name: str, project: str) -> str:
+        r = platform.api.post("/v1/workloads", json=job(name, project, sleeper, resources={"gpus": 1}))
+        assert r.status_code == 201, r.text
+        return str(r.json()["id"])
+
+    def shares() -> dict[str, float]:
+        listed = platform.api.get("/v1/projects").json()
+        return {p["name"]: p["fair_share_gpus"] for p in listed if p["name"] in ("vision", "nlp")}
+
+    ids = [submit("v1", "vision"), submit("v2", "vision")]
+    platform.tick(2)
+    assert shares() == {"vision": 2, "nlp": 0}  # idle capacity goes to the one project asking
+    ids.append(submit("n1", "nlp"))
+    platform.tick(2)
+    assert shares() == {"vision": 1, "nlp": 1}
+    platform.tick(2)  # passes that change nothing keep what is shown
+    assert shares() == {"vision": 1, "nlp": 1}
+    for wid in ids:
+        platform.api.post(f"/v1/workloads/{wid}/cancel")
+    platform.tick(3)

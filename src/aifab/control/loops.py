@@ -80,6 +80,8 @@ class Controller(Dispatcher, Reconciler):
         self._schedule_deferred = False
         self._ended_handles = []
         self._pass_launches = []
+        self._written_shares: dict[str, int] | None = None  # the fair shares last put in the store
+        self._unsaved_shares: dict[str, int] | None = None  # written in a transaction not yet committed
 
     # ----- inventory -----------------------------------------------------------------------
     def sync_inventory(self) -> None:
@@ -265,6 +267,8 @@ class Controller(Dispatcher, Reconciler):
                 pending.update((r.id, r) for r in s.scalars(q))
             runs = _active_runs(s, list(fresh))
             self._persist(s, result, words, {**pending, **fresh}, runs, now)
+        if self._unsaved_shares is not None:  # committed
+            self._written_shares, self._unsaved_shares = self._unsaved_shares, None
         self.last_result = result
         return result
 
@@ -371,7 +375,10 @@ class Controller(Dispatcher, Reconciler):
             said = words.get(wid)
             if said is not None and waiting.phase == "pending" and waiting.reason != said[1]:
                 waiting.reason_code, waiting.reason = said[0].value, said[1]
-        put_state(s, "fair_shares", {n: r.gpu for n, r in result.fair_shares.items()})
+        shares = {n: r.gpu for n, r in result.fair_shares.items()}
+        if shares != self._written_shares:  # most passes change none: skip the row's read and write
+            put_state(s, "fair_shares", shares)
+            self._unsaved_shares = shares
 
 
 _SNAPSHOT_COLUMNS = (
