@@ -12,7 +12,6 @@ An engine that cannot be reached does not take the others down: its inventory ca
 
 from __future__ import annotations
 
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
@@ -57,7 +56,6 @@ class PoolRouter:
         # Handles written before pools existed carry no pool: they belong to the first pool.
         self.default_pool = default_pool or next(iter(self.pools))
         self._node_pool: dict[str, str] = {}
-        self._marks: dict[str, tuple[float, object]] = {}  # pool -> (when asked, its exit mark)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -146,23 +144,14 @@ class PoolRouter:
 
     def exit_marks(self) -> tuple[object, ...]:
         """One mark per pool that keeps an ends journal (see :mod:`aifab.backends.ends`): the
-        tuple changes when a task of any pool ends. A pool that cannot say gives None. A
-        backend whose mark costs a round trip (Ray's key-value store) says how often it may be
-        asked (``exit_mark_every_s``); until then its last mark stands."""
+        tuple changes when a task of any pool ends. A pool that cannot say gives None."""
         marks: list[object] = []
-        now = time.monotonic()
-        for pool, backend in self.pools.items():
+        for backend in self.pools.values():
             mark = getattr(backend, "exit_mark", None)
-            asked_at, last = self._marks.get(pool, (None, None))
-            if asked_at is not None and now - asked_at < getattr(backend, "exit_mark_every_s", 0.0):
-                marks.append(last)
-                continue
             try:
-                got = mark() if mark is not None else None
+                marks.append(mark() if mark is not None else None)
             except BackendError:
-                got = None
-            self._marks[pool] = (now, got)
-            marks.append(got)
+                marks.append(None)
         return tuple(marks)
 
     def release(self, handle: Handle) -> None:

@@ -81,7 +81,6 @@ class Controller(Dispatcher, Reconciler):
         self._ended_handles = []
         self._pass_launches = []
         self._written_shares: dict[str, int] | None = None  # the fair shares last put in the store
-        self._unsaved_shares: dict[str, int] | None = None  # written in a transaction not yet committed
 
     # ----- inventory -----------------------------------------------------------------------
     def sync_inventory(self) -> None:
@@ -266,9 +265,9 @@ class Controller(Dispatcher, Reconciler):
                 q = select(WorkloadRow).options(_NO_SPEC).where(WorkloadRow.id.in_(changed[i : i + 5000]))
                 pending.update((r.id, r) for r in s.scalars(q))
             runs = _active_runs(s, list(fresh))
-            self._persist(s, result, words, {**pending, **fresh}, runs, now)
-        if self._unsaved_shares is not None:  # committed
-            self._written_shares, self._unsaved_shares = self._unsaved_shares, None
+            shares = self._persist(s, result, words, {**pending, **fresh}, runs, now)
+        if shares is not None:  # committed
+            self._written_shares = shares
         self.last_result = result
         return result
 
@@ -328,7 +327,7 @@ class Controller(Dispatcher, Reconciler):
         rows: dict[str, WorkloadRow],
         runs: dict[str, list[TaskRunRow]],
         now: float,
-    ) -> None:
+    ) -> dict[str, int] | None:
         for ev in result.evictions:
             row = rows[ev.workload_id]
             if row.reason_code == PREEMPTING:
@@ -376,9 +375,10 @@ class Controller(Dispatcher, Reconciler):
             if said is not None and waiting.phase == "pending" and waiting.reason != said[1]:
                 waiting.reason_code, waiting.reason = said[0].value, said[1]
         shares = {n: r.gpu for n, r in result.fair_shares.items()}
-        if shares != self._written_shares:  # most passes change none: skip the row's read and write
-            put_state(s, "fair_shares", shares)
-            self._unsaved_shares = shares
+        if shares == self._written_shares:  # most passes change none: skip the row's read and write
+            return None
+        put_state(s, "fair_shares", shares)
+        return shares  # the caller remembers them once the transaction commits
 
 
 _SNAPSHOT_COLUMNS = (

@@ -72,6 +72,7 @@ DEFAULT_LOG_DIR = "/tmp/aifab-ray/logs"  # on the task's node, when the request 
 _OVERDUE_MARGIN_S = 5.0
 EXIT_NOT_STARTED = 127  # what the control plane records for a task that could not start
 _HAND_OVER_AGAIN_S = 3.0  # a task not started this long after its hand-over is handed over again
+_EXIT_MARK_EVERY_S = 0.02  # the ends watcher looks every few ms; Ray's store is asked at most this often
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,7 @@ class RayBackend:
         self._records = Records(namespace, call_timeout)
         self._view = ClusterView(self._records, call_timeout)
         self._ends_mark = ""
+        self._ends_read_at: float | None = None  # monotonic; when the mark was last read
         self._lock = threading.Lock()
         self._agents = Agents(call_timeout)
         self._deadlines: dict[str, _Deadline] = {}  # task key → SIGKILL deadline of a stop sent here
@@ -126,13 +128,16 @@ class RayBackend:
 
     # -- inventory ----------------------------------------------------------------------------
 
-    exit_mark_every_s = 0.02  # each look is a round trip to Ray's key-value store
-
     def exit_mark(self) -> str:
         """Changes whenever one of this backend's tasks ends (see :mod:`aifab.backends.ends`):
-        the runners overwrite one record at every end."""
+        the runners overwrite one record at every end. Each read is a round trip to Ray's
+        key-value store, so a mark read less than ``_EXIT_MARK_EVERY_S`` ago stands."""
+        now = time.monotonic()
+        if self._ends_read_at is not None and now - self._ends_read_at < _EXIT_MARK_EVERY_S:
+            return self._ends_mark
         self._connect()
         mark = json.dumps(self._records.get(ENDS_KEY), sort_keys=True)
+        self._ends_read_at = now
         if mark != self._ends_mark:
             self._ends_mark = mark
             self._view.refresh()
