@@ -33,7 +33,8 @@ SECTIONS = [
         "less. The floor column counts, for the pods a run placed, what the stream's small pods could "
         "not fill whatever the placement (an upper bound on that fill, so a lower bound on the waste). "
         "Compare it with the issue's target, below 3.6% unallocated: the target leaves that much room "
-        "above the floor for every other loss.",
+        "above the floor for every other loss. The second table shows where the idle share sits: "
+        "devices holding a lone 810 milli-GPU pod, then pairs such as 470+470 that leave 60.",
     ),
     (
         "5b. Multi-team job scheduling: Philly 2017 (Sep-Oct, 52,849 jobs) — full replay",

@@ -94,6 +94,16 @@ def markdown(
             else ""
         ),
         "",
+    ]
+    merged_meta = meta.get("merged_meta")
+    if isinstance(merged_meta, dict):
+        lines += [
+            f"The merged runs come from `{merged_meta['command']}` ({merged_meta['date']}, "
+            f"{merged_meta['runs']} runs, {merged_meta['wall_s']:.0f} s wall on {merged_meta['nproc']} cores); "
+            "only the policies run here replace theirs.",
+            "",
+        ]
+    lines += [
         "Allocated GPU share (%) at arrived GPU demand 100 % and 130 % of capacity, mean over seeds; "
         f"paper = the artifact's published mean over seeds 42-51; pass = |Δ| ≤ {TOLERANCE} point at both.",
         "",
@@ -181,9 +191,11 @@ def main(argv: list[str] | None = None) -> int:
             )
     wall = time.perf_counter() - started
     ran = len(results)
+    merged_meta: object = None
     if args.merge:
         done = {(r.trace, r.policy) for r in results}
         previous = json.loads(Path(args.merge).read_text())
+        merged_meta = previous.get("meta")
         kept = [r for r in previous["runs"] if (r["trace"], r["policy"]) not in done]
         for r in kept:
             r["alloc_at"] = {int(k): v for k, v in r["alloc_at"].items()}
@@ -226,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs_total": len(results),
         "seeds": args.seeds,
         "merged_from": args.merge,
+        "merged_meta": merged_meta,
     }
     if not args.no_write:
         out = Path(args.out)

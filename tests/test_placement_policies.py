@@ -22,6 +22,8 @@ from aifab.scheduler.placement import (
     fragmentation,
     get_policy,
 )
+from aifab.scheduler.placement.aifab import AifabPolicy
+from aifab.scheduler.placement.fragmentation import gap_waste_table
 
 MODELS = ("T4", "G2", "P100")
 
@@ -173,6 +175,47 @@ def test_aifab_keeps_the_only_node_that_fits_a_big_shape() -> None:
     assert get_policy("bestfit").place(view, small, ctx, 0) == (0, (0,))
     assert get_policy("fgd").place(view, small, ctx, 0) == (0, (0,))
     assert get_policy("aifab").place(view, small, ctx, 0) == (1, (0,))
+
+
+def _gap_target() -> TargetWorkload:
+    # 470, 320 and 650 milli are common; 160 milli is rare (0.37 % of tasks); whole GPUs are 30 %.
+    shares = {470: 50, 320: 30, 650: 15, 160: 0.5, 1000: 40}
+    return TargetWorkload.of([(PodShape(4000, 0, 1, m), w) for m, w in shares.items()])
+
+
+def test_gap_waste_table_by_hand() -> None:
+    table = gap_waste_table(_gap_target())
+    # Nothing common fits 210 or 190 (160 is rare): kept whole.
+    assert table[210] == 210 and table[190] == 190
+    # 360: a 320 leaves 40. 530: a 470 leaves 60 (a 320 would leave 210).
+    assert table[360] == 40 and table[530] == 60
+    # 680: a 650 leaves 30 (a 470 would leave 210, a 320 then 360 -> 40).
+    assert table[680] == 30
+    # A free device takes a whole GPU; a full one keeps nothing.
+    assert table[1000] == 0 and table[0] == 0
+    # Own-shape target (a task scored without a trace): only exact multiples fill.
+    own = gap_waste_table(TargetWorkload.of([(PodShape(1000, 0, 1, 300), 1)]))
+    assert own[900] == 0 and own[950] == 50 and own[250] == 250
+
+
+class _NoGap(AifabPolicy):
+    name = "aifab_no_gap"  # its own name: per-view caches are keyed by policy name
+    gap_weight = 0.0
+
+
+def test_aifab_keeps_a_gap_for_the_task_that_fills_it() -> None:
+    # Node 0's device has 680 free (a 320 on it); nodes 1-3 are free. A 470 on node 0 leaves
+    # 210, which no common task fits; a later 650 would fill node 0 to 970. FGD's measure sees
+    # node 0 as fragmented already (no whole GPU fits it) and fills it; the gap term does not.
+    target = _gap_target()
+    ctx = PlacementContext(target=target, full_target=target)
+    task = PodShape(4000, 0, 1, 470)
+    picks = {}
+    for policy in (get_policy("fgd"), _NoGap(), get_policy("aifab")):
+        view = ClusterView.build([f"n{i}" for i in range(4)], ["T4"] * 4, [1] * 4, [64000] * 4, [1 << 16] * 4)
+        view.gpu_left[0] = [680]
+        picks[policy.name] = policy.place(view, task, ctx, 0)
+    assert picks == {"fgd": (0, (0,)), "aifab_no_gap": (0, (0,)), "aifab": (1, (0,))}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
