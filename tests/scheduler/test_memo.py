@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,6 +25,7 @@ from aifab.core import (
     QueueTree,
     TaskRequest,
     Workload,
+    WorkloadChanges,
     gpu_queue,
     uniform_node,
 )
@@ -143,18 +145,74 @@ def _next(snap: ClusterSnapshot, r: CycleResult, rng: random.Random, step: int) 
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(any_snapshot, st.sampled_from(ALL_CONFIGS), st.integers(0, 2**32), st.booleans())
+@given(any_snapshot, st.sampled_from(ALL_CONFIGS), st.integers(0, 2**32), st.booleans(), st.booleans())
 def test_a_memo_kept_between_cycles_changes_nothing(
-    snap: ClusterSnapshot, cfg: SchedulerConfig, seed: int, forced: bool
+    snap: ClusterSnapshot, cfg: SchedulerConfig, seed: int, forced: bool, with_changes: bool
 ) -> None:
+    """With or without the caller's changes; and a result whose reasons are read only after
+    the next cycle (which then may not change the job lists it reads) reads its own cycle."""
     rng = random.Random(seed)
     memo = CycleMemo()
+    unread: tuple[CycleResult, CycleResult] | None = None
+    token: object = None
     with vector_min(0 if forced else search.VECTOR_MIN):
-        for step in range(5):
+        for step in range(6):
             fresh = run_cycle(snap, cfg)
+            if with_changes:
+                snap, token = _with_changes(memo, snap, token, rng)
             kept = run_cycle(snap, cfg, memo=memo)
-            assert full(kept) == full(fresh), step
+            if unread is not None:
+                assert full(unread[0]) == full(unread[1]), step - 1
+                unread = None
+            if rng.random() < 0.4:
+                unread = (kept, fresh)
+            else:
+                assert full(kept) == full(fresh), step
             snap = _next(snap, fresh, rng, step)
+        if unread is not None:
+            assert full(unread[0]) == full(unread[1])
+
+
+def _with_changes(
+    memo: CycleMemo, snap: ClusterSnapshot, since: object, rng: random.Random
+) -> tuple[ClusterSnapshot, object]:
+    """``snap`` with the changes from the workloads the memo holds (what the previous
+    snapshot had), and their token; now and then changes that follow no snapshot."""
+    held = list(memo.running.running.values()) if memo.running is not None else []
+    held += [i.w for i in memo.pending.infos.values()] if memo.pending is not None else []
+    now = {id(w) for w in snap.workloads}
+    before = {id(w) for w in held}
+    token = object()
+    changes = WorkloadChanges(
+        since if rng.random() < 0.9 else object(),
+        token,
+        tuple(w for w in held if id(w) not in now),
+        tuple(w for w in snap.workloads if id(w) not in before),
+    )
+    return replace(snap, changes=changes), token
+
+
+def test_changes_that_do_not_match_the_workloads_are_an_error() -> None:
+    nodes = (uniform_node("n0", 2),)
+    tree = QueueTree([gpu_queue("a", 1)])
+    w = [Workload(id=f"w{i}", queue="a", tasks=(TaskRequest(GpuRequest.whole(4)),)) for i in range(4)]
+    cfg = SchedulerConfig()
+    first = object()
+    bad = {
+        "was not in the last snapshot": ((w[0], w[1], w[2]), (w[3],), ()),
+        "was already in the last snapshot": ((w[0], w[1], w[2]), (), (w[1],)),
+        "do not match snapshot.workloads": ((w[0], w[1], w[3]), (), ()),
+    }
+    for message, (ws, gone, new) in bad.items():
+        memo = CycleMemo()
+        start = ClusterSnapshot(nodes, tree, (w[0], w[1]), changes=WorkloadChanges(None, first, (), ()))
+        run_cycle(start, cfg, memo=memo)
+        snap = ClusterSnapshot(nodes, tree, ws, changes=WorkloadChanges(first, object(), gone, new))
+        with pytest.raises(ValueError, match=message):
+            run_cycle(snap, cfg, memo=memo)
+        # The memo starts over from the next snapshot, whatever its changes say.
+        again = replace(snap, changes=WorkloadChanges(object(), object(), (), ()))
+        assert full(run_cycle(again, cfg, memo=memo)) == full(run_cycle(again, cfg))
 
 
 def test_unusual_snapshots_rebuild_and_match() -> None:

@@ -10,6 +10,7 @@ from aifab.core.workloads import WorkloadPhase
 from aifab.scheduler.config import SchedulerConfig
 from aifab.sim.engine import SimulationError, Simulator, simulate
 from aifab.sim.model import FailureModel, SimConfig
+from aifab.sim.policies import POLICIES
 from tests.sim._fake_scheduler import greedy_cycle
 from tests.sim._helpers import job, scenario
 
@@ -142,6 +143,20 @@ def test_job_that_never_fits_is_reported() -> None:
     assert {r.id: r.end for r in out.jobs} == {"huge": None, "ok": 15}
     # The never-started job's wait is still on record (until the replay stopped).
     assert out.open_intervals == [(0, 0.0, 15.0)]
+
+
+@pytest.mark.parametrize("policy", ["static", "fifo-backfill", "kai", "tiresias"])
+def test_job_that_never_fits_ends_a_replay_with_node_failures(policy: str) -> None:
+    """Failure events never run out; the replay still ends once nothing else can happen."""
+    failures = FailureModel(mtbf=300.0, repair=50.0, seed=1)
+    jobs = [job("huge", 0, 100, 8), job("ok", 5, 1000, 4), job("late", 2000, 10, 2)]
+    sc = scenario(jobs, nodes=2, gpus=4, deserved={"p0": 6}, failures=failures)  # type: ignore[arg-type]
+    out = simulate(sc, POLICIES[policy])
+    assert out.counters["unfinished"] == 1
+    assert {r.id for r in out.jobs if r.end is None} == {"huge"}
+    assert out.counters["node_failures"] > 0
+    with pytest.raises(SimulationError, match="can never start"):
+        simulate(sc, POLICIES[policy], strict=True)
 
 
 def test_cycles_are_skipped_when_nothing_changed() -> None:

@@ -5,7 +5,7 @@ from aifab.core.errors import AifabError, TraceError, ValidationError
 from aifab.core.nodes import GpuDevice, Node, NodeState, uniform_node
 from aifab.core.queues import Queue, QueueTree, ResourceQuota, gpu_queue
 from aifab.core.resources import GPU_MILLI, ResourceKind, Resources
-from aifab.core.snapshot import ClusterSnapshot
+from aifab.core.snapshot import ClusterSnapshot, WorkloadChanges
 from aifab.core.workloads import (
     DEFAULT_PRIORITY_CLASSES,
     GpuRequest,
@@ -48,6 +48,7 @@ __all__ = [
     "TraceError",
     "ValidationError",
     "Workload",
+    "WorkloadChanges",
     "WorkloadPhase",
     "gpu_queue",
     "uniform_node",

@@ -16,6 +16,7 @@ stored at once (actions select jobs by code).
 from __future__ import annotations
 
 import heapq
+import weakref
 from collections.abc import Iterator
 from itertools import repeat
 from operator import itemgetter
@@ -175,6 +176,7 @@ class LeafJobs:
     """One job list of this cycle: the group's jobs with their state (see module doc)."""
 
     __slots__ = (
+        "__weakref__",
         "bound",
         "code",
         "code_np",
@@ -192,6 +194,7 @@ class LeafJobs:
 
     def __init__(self, group: Group, leaf: QueueState | None, queues: dict[str, QueueState]) -> None:
         self.group = group
+        group.reader = weakref.ref(self)  # the group's lists stay as they are while this lives
         self.name = group.name
         self.leaf = leaf  # the list's queue (None for the global list and for orphans)
         self.queues = queues

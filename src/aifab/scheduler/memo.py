@@ -12,9 +12,11 @@ holds those objects too, so that an identity is never reused while it is remembe
 * :class:`~aifab.scheduler.keybounds.KeyBounds`: bounds of the running workloads' job-order
   keys, where preemption by job order reads them.
 
-Between two snapshots only the workloads that are new or gone (by identity) are applied.
-Anything unusual (duplicate workload ids, another node tuple or queue tree, another job order)
-makes the memo rebuild what it holds from the snapshot, exactly as a cycle without it would.
+Between two snapshots only the workloads that are new or gone (by identity) are applied:
+the snapshot's :class:`~aifab.core.snapshot.WorkloadChanges` when it carries some that follow
+the last snapshot's, else what :func:`diff` finds by walking both lists. Anything unusual
+(duplicate workload ids, another node tuple or queue tree, another job order) makes the memo
+rebuild what it holds from the snapshot, exactly as a cycle without it would.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from operator import is_, is_not
 
 from aifab.core.nodes import Node, NodeState
 from aifab.core.queues import QueueTree
-from aifab.core.snapshot import ClusterSnapshot
+from aifab.core.snapshot import ClusterSnapshot, WorkloadChanges
 from aifab.core.workloads import Workload, WorkloadPhase
 from aifab.scheduler.config import Fairness, SchedulerConfig
 from aifab.scheduler.fairshare import Columns
@@ -209,7 +211,10 @@ class CycleMemo:
         self._reset()
 
     def _reset(self) -> None:
-        self.seen: Sequence[Workload] = ()  # the last snapshot's workloads
+        # The last snapshot's workloads; None when it came with changes (its caller may reuse
+        # the list), so that only changes following it can bring the memo to the next one.
+        self.seen: Sequence[Workload] | None = ()
+        self.token: object = None  # the last snapshot's changes token, if it had changes
         self.ids: dict[str, int] = {}  # workload id -> how many of the seen workloads have it
         self.duplicates = 0  # workload ids held by more than one seen workload
         self.running: RunningBase | None = None
@@ -309,8 +314,15 @@ class CycleMemo:
         tinfo: TreeInfo,
     ) -> tuple[RunningBase, PendingIndex, bool]:
         ws = snapshot.workloads
-        gone, new, swapped = diff(self.seen, ws)
-        self.seen = ws
+        changes = snapshot.changes
+        if changes is not None and self.token is not None and changes.since is self.token:
+            gone, new, swapped = self._checked(changes)
+        else:
+            if self.seen is None:
+                self._reset()  # the list to compare with was not kept: start over
+            gone, new, swapped = diff(self.seen or (), ws)
+        self.seen = ws if changes is None else None
+        self.token = None if changes is None else changes.token
         kept: list[Swap] = []
         for a, b in swapped:
             if _same_usage(a, b):  # nothing changes but the object
@@ -356,4 +368,26 @@ class CycleMemo:
                 index = PendingIndex(snapshot.queues, config.job_order, jkey, grouped, hint)
             index.build(w for w in ws if w.phase is not RUNNING)
             self.pending = index
+        if changes is not None and unique and base.count + len(index.infos) != len(ws):
+            raise ValueError(
+                f"snapshot.changes do not match snapshot.workloads: {len(ws)} workloads, "
+                f"{base.count + len(index.infos)} after the changes"
+            )
         return base, index, unique
+
+    def _checked(self, changes: WorkloadChanges) -> tuple[list[Workload], list[Workload], list[Swap]]:
+        """(gone, new, no swaps) from a caller's changes, after checking that each gone
+        workload is one the memo holds and each new one is not (the count is checked once
+        they are applied): a caller's mistake is an error, never a silently wrong memo."""
+        base, index = self.running, self.pending
+        if base is None or index is None:
+            raise ValueError("snapshot.changes follow a snapshot the memo does not hold")
+        held = base.running
+        infos = index.infos
+        for w in changes.gone:
+            if held.get(id(w)) is not w and (id(w) not in infos or infos[id(w)].w is not w):
+                raise ValueError(f"snapshot.changes: gone workload {w.id!r} was not in the last snapshot")
+        for w in changes.new:
+            if id(w) in held or id(w) in infos:
+                raise ValueError(f"snapshot.changes: new workload {w.id!r} was already in the last snapshot")
+        return list(changes.gone), list(changes.new), []

@@ -13,12 +13,14 @@ the index is only ever updated into exactly the lists a from-scratch build would
 job-order keys end with the workload id, so with unique ids the sorted order is a total order
 that does not depend on the order of insertion. Where that does not hold (duplicate ids,
 incomparable keys such as NaN) the index is rebuilt from scratch with the original stable sort
-every cycle. Groups are never changed in place: an update makes new lists and arrays, so a
-cycle's lazily worded pending reasons keep reading the lists that cycle saw.
+every cycle. A group's lists are changed in place only when no cycle still reads them (see
+:meth:`Group.spliced`); otherwise an update makes new ones, so a cycle's lazily worded pending
+reasons keep reading the lists that cycle saw.
 """
 
 from __future__ import annotations
 
+import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
 from itertools import pairwise
@@ -112,10 +114,18 @@ def _column(info: JobInfo, sid: int) -> tuple[int, int, int, int, int, int, int]
     return (g, c, m, big, prio, sid, npre)
 
 
+# At most this many changes are made to a group's lists in place (each is a memmove of the
+# list); more make new lists in one pass.
+IN_PLACE_MAX = 16
+
+
 class Group:
-    """One job list in job order (immutable): the infos and their numbers as one array whose
-    rows are: requested GPU milli, CPU milli and memory MiB, biggest whole-GPU task, priority,
-    shape id, non-preemptible (``g``, ``c``, ... are views of the rows)."""
+    """One job list in job order: the infos and their numbers as one array whose rows are:
+    requested GPU milli, CPU milli and memory MiB, biggest whole-GPU task, priority, shape id,
+    non-preemptible (``g``, ``c``, ... are views of the rows).
+
+    ``reader`` refers weakly to what reads the group in a cycle (a cycle's job list, which a
+    cycle result keeps until its pending reasons are worded); see :meth:`spliced`."""
 
     __slots__ = (
         "all_pre",
@@ -132,6 +142,7 @@ class Group:
         "npre",
         "prio",
         "ranks",
+        "reader",
         "sid",
     )
 
@@ -141,6 +152,7 @@ class Group:
         self.name = name
         # Position in the global job order, only when keys may tie (the stable-sort fallback).
         self.ranks = ranks
+        self.reader: weakref.ref[object] | None = None
         data = np.zeros((7, len(infos)), dtype=np.int64)
         if infos:
             data[_OWN_ROWS] = np.asarray([i.col for i in infos], dtype=np.int64).T
@@ -164,11 +176,19 @@ class Group:
         self.max_prio = int(self.prio.max()) if n else 0
 
     def spliced(self, removed: Sequence[int], added: list[JobInfo], sid_of: Callable[[object], int]) -> Group:
-        """A new group without the infos at positions ``removed`` (sorted) and with ``added``
-        (sorted by key, keys not present) inserted where they sort."""
+        """The group without the infos at positions ``removed`` (sorted) and with ``added``
+        (sorted by key, keys not present) inserted where they sort.
+
+        When no cycle reads this group any more and the change is small, its lists are
+        changed in place (a long list changed by a few entries each cycle is not copied and
+        freed each cycle) and it is returned; otherwise a new group is."""
+        reader = self.reader
+        if (reader is None or reader() is None) and len(removed) + len(added) <= IN_PLACE_MAX:
+            return self._spliced_in_place(removed, added, sid_of)
         new = Group.__new__(Group)
         new.name = self.name
         new.ranks = None
+        new.reader = None
         keys = self.keys
         # One pass over the old list: each added item goes before the first old key not below
         # its own (what inserting into the list without the removed items would do, as keys
@@ -201,6 +221,32 @@ class Group:
         data[:, at:] = old[:, prev:]
         new._set(new_infos, new_keys, data)
         return new
+
+    def _spliced_in_place(
+        self, removed: Sequence[int], added: list[JobInfo], sid_of: Callable[[object], int]
+    ) -> Group:
+        keys, infos = self.keys, self.infos
+        for p in reversed(removed):
+            del keys[p]
+            del infos[p]
+        at = []
+        for a in added:  # in key order: each goes after the ones before it
+            p = bisect_left(keys, a.key)
+            keys.insert(p, a.key)
+            infos.insert(p, a)
+            at.append(p)
+        # The array is made anew (numpy copies without touching reference counts): the kept
+        # columns in order, then the added ones written where their infos now are.
+        data = self.data
+        if removed:
+            data = np.delete(data, removed, axis=1)
+        if added:
+            cols = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).T
+            # np.insert wants positions in the array before any insertion.
+            data = np.insert(data, [p - k for k, p in enumerate(at)], cols, axis=1)
+        self.ranks = None
+        self._set(infos, keys, data)
+        return self
 
 
 class PendingIndex:

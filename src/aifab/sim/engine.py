@@ -44,12 +44,12 @@ from aifab.core.decisions import Bind, CycleResult, EvictionCause
 from aifab.core.nodes import Node, NodeState
 from aifab.core.resources import GPU_MILLI, Resources
 from aifab.core.snapshot import ClusterSnapshot
-from aifab.core.workloads import GpuRequestKind, TaskPlacement, Workload, WorkloadPhase
+from aifab.core.workloads import GpuRequestKind, TaskPlacement, WorkloadPhase
 from aifab.scheduler.config import SchedulerConfig
 from aifab.sim.model import Scenario
 from aifab.sim.outcome import JobRecord, SimOutcome, Timeline
 from aifab.sim.skip import SkipRules
-from aifab.sim.state import Clock, JobState, changed, running_view
+from aifab.sim.state import ActiveWorkloads, Clock, JobState, changed, running_view
 
 SchedulerFn = Callable[[ClusterSnapshot, SchedulerConfig], CycleResult]
 ProgressFn = Callable[[float], None]  # called with the simulated time now and then
@@ -121,10 +121,14 @@ class Simulator(SkipRules):
         self.projects = scenario.queues.leaves()
         self.pindex = {p: i for i, p in enumerate(self.projects)}
         self.active: dict[str, JobState] = {}  # arrival order: pending and running
-        self.wls: dict[str, Workload] = {}  # the same, each job's current workload
+        self.live = ActiveWorkloads()  # the same, each job's current workload
         self.pending: set[str] = set()
         self.running_on: list[set[str]] = [set() for _ in self.nodes]
         self.heap: list[tuple[float, int, int, int, int]] = []
+        self.arrivals_left = len(scenario.jobs)
+        self.n_running = 0  # jobs
+        self.nodes_down = 0
+        self.cycled_idle = False  # see _stalled
         self.seq = 0
         self.now = 0.0
         self.clock = Clock()  # what RunningViews read: the time of the cycle being run
@@ -215,7 +219,7 @@ class Simulator(SkipRules):
         progress_every = 2000
         heap = self.heap
         while done < total:
-            if not heap:
+            if not heap or self._stalled():
                 # Nothing will ever change again: what still waits can never start (e.g. a
                 # job bigger than its project's quota under static quotas).
                 if self.strict:
@@ -226,8 +230,10 @@ class Simulator(SkipRules):
                 break
             t, _seq, kind, a, b = heapq.heappop(heap)
             self.now = t
+            self.cycled_idle = False
             self.counters["events"] += 1
             if kind == ARRIVAL:
+                self.arrivals_left -= 1
                 self._arrive(self.jobs[a])
             elif kind == COMPLETION:
                 job = self.jobs[a]
@@ -240,7 +246,9 @@ class Simulator(SkipRules):
                 self._node_up(a)
             elif kind == CYCLE and self.cycle_at == t:
                 self.cycle_at = None
+                idle = not self.n_running and not self.nodes_down
                 self._cycle()
+                self.cycled_idle = idle and not self.n_running
             if kind != CYCLE and self.dirty and self.pending and (not heap or heap[0][0] > t):
                 # Last event at this time changed something: a cycle is due. (A cycle never
                 # asks for itself here, so a skipped one cannot loop; it asks in _cycle.)
@@ -270,12 +278,29 @@ class Simulator(SkipRules):
             open_intervals=open_intervals,
         )
 
+    def _stalled(self) -> bool:
+        """With node failures the events never run out, so a replay whose waiting jobs can
+        never start would not end. It ends here when no job will arrive and the last cycle
+        (run or skipped) saw every node up and no job running, and started nothing: a later
+        cycle sees the same cluster or less of it (failures only take room away), and with
+        nothing running the clock-dependent inputs of job order and preemption (attained
+        service, minimum runtimes of running jobs) cannot make room, so it would not start
+        anything either. Not with time-based fairness: decaying usage moves fair shares.
+        ``cycled_idle`` is cleared by every event, so it only holds right after such a cycle.
+        """
+        return (
+            self.cycled_idle
+            and self.arrivals_left == 0
+            and self.sim.failures is not None
+            and self.config.time_fairness_half_life is None
+        )
+
     # -- events ---------------------------------------------------------------------------
 
     def _arrive(self, job: JobState) -> None:
         self._note_arrival(job)
         self.active[job.wl.id] = job
-        self.wls[job.wl.id] = job.wl
+        self.live.put(job.wl)
         self._set_pending(job, True)
         job.queued_at = self.now
         self._record(job.pidx, 0.0, job.gpus)
@@ -285,7 +310,7 @@ class Simulator(SkipRules):
         self._release(job)
         self._set_running(job, False)
         del self.active[job.wl.id]
-        del self.wls[job.wl.id]
+        self.live.remove(job.wl.id)
         job.rec.end = self.now
         job.remaining = 0.0
         self._record(job.pidx, -job.gpus, 0.0)
@@ -299,6 +324,7 @@ class Simulator(SkipRules):
         for wid in sorted(self.running_on[i]):
             self._evict(self.active[wid], FAILURE_CAUSE)
         self.nodes[i] = replace(node, schedulable=False)
+        self.nodes_down += 1
         self.free_milli -= node.gpu_count * GPU_MILLI  # empty now: every job was evicted
         self.nodes_tuple = tuple(self.nodes)
         self.timeline.cap_t.append(self.now)
@@ -310,6 +336,7 @@ class Simulator(SkipRules):
     def _node_up(self, i: int) -> None:
         node = self.nodes[i]
         self.nodes[i] = replace(node, schedulable=True)
+        self.nodes_down -= 1
         self.free_milli += node.gpu_count * GPU_MILLI
         self.nodes_tuple = tuple(self.nodes)
         self.timeline.cap_t.append(self.now)
@@ -333,14 +360,20 @@ class Simulator(SkipRules):
             return
         self.counters["cycles"] += 1
         self._start_cycle()
+        self.clock.now = now  # what RunningViews read (see _bind)
+        workloads, changes = self.live.snapshot()
         snapshot = ClusterSnapshot(
             nodes=self.nodes_tuple,
             queues=self.scenario.queues,
-            workloads=self._workloads(now),
+            workloads=workloads,
             now=now,
             usage_history=self._usage_history(now),
+            changes=changes,
         )
-        result = self.scheduler(snapshot, self.config)
+        try:
+            result = self.scheduler(snapshot, self.config)
+        finally:
+            workloads.close()
         self.last_fair, self.last_demand = result.fair_shares, result.demands
         self.last_quiet = not result.binds and not result.evictions
         self._note_result(self.last_quiet, result.stats)
@@ -361,12 +394,6 @@ class Simulator(SkipRules):
             self._request_cycle(self.now + self.sim.follow_up)
         elif self.time_dependent and self.pending:
             self._request_cycle(self.now + self.sim.cycle_period)
-
-    def _workloads(self, now: float) -> tuple[Workload, ...]:
-        """The active workloads in arrival order. Where the policy reads the clock, running ones
-        are RunningViews: their attained service grows while running (see RunningView)."""
-        self.clock.now = now
-        return tuple(self.wls.values())
 
     def _usage_history(self, now: float) -> dict[str, Resources]:
         """Per-project GPU usage decayed with the configured half-life (empty when disabled).
@@ -449,6 +476,7 @@ class Simulator(SkipRules):
         overhead = self.sim.restart_overhead if job.needs_restore else 0.0
         job.run_start = now
         job.resume = now + overhead
+        self.n_running += 1
         job.epoch += 1
         job.wl = changed(
             wl,
@@ -457,7 +485,9 @@ class Simulator(SkipRules):
             start_time=now,
             last_checkpoint_time=job.resume,
         )
-        self.wls[wid] = running_view(job.wl, self.clock, now, job.gpus) if self.time_dependent else job.wl
+        # Where the policy reads the clock, a running workload is a RunningView: its attained
+        # service grows while it runs.
+        self.live.put(running_view(job.wl, self.clock, now, job.gpus) if self.time_dependent else job.wl)
         self._set_pending(job, False)
         self._set_running(job, True)
         if job.rec.first_start is None:
@@ -469,6 +499,7 @@ class Simulator(SkipRules):
 
     def _release(self, job: JobState) -> None:
         wid = job.wl.id
+        self.n_running -= 1
         for pl in job.wl.placements:
             ni = self.node_index[pl.node]
             task = job.wl.tasks[pl.task_index]
@@ -499,7 +530,7 @@ class Simulator(SkipRules):
             # Keep the SRTF oracle (expected - attained / GPUs) equal to the true remaining
             # time, now that part of the attained service was lost.
             expected = attained / max(1.0, job.gpus) + job.remaining + self.sim.restart_overhead
-        job.wl = self.wls[job.wl.id] = changed(
+        job.wl = changed(
             job.wl,
             phase=WorkloadPhase.PENDING,
             placements=(),
@@ -508,6 +539,7 @@ class Simulator(SkipRules):
             attained_gpu_seconds=attained,
             expected_duration=expected,
         )
+        self.live.put(job.wl)
         self._set_pending(job, True)
         self._record(job.pidx, -job.gpus, job.gpus)
         self.dirty = True

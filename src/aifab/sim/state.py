@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import fields
+from typing import overload
 
 from aifab.core.resources import GPU_MILLI
+from aifab.core.snapshot import WorkloadChanges
 from aifab.core.workloads import Workload
 from aifab.sim.model import SimJob
 from aifab.sim.outcome import JobRecord
@@ -111,3 +114,77 @@ class JobState:
         self.epoch = 0
         self.needs_restore = False
         self.queued_at = spec.submit_time
+
+
+class ActiveWorkloads:
+    """Each active job's current workload, in arrival order, and what changed since the last
+    cycle's snapshot (handed to the cycle as :class:`~aifab.core.snapshot.WorkloadChanges`, so
+    that its memo's work follows the changes, not the backlog)."""
+
+    def __init__(self) -> None:
+        self.by_id: dict[str, Workload] = {}
+        self._gone: list[Workload] = []  # held until the next snapshot, so ids stay unique
+        self._new: dict[int, Workload] = {}  # by identity, since the last snapshot
+        self._token: object = None
+
+    def put(self, wl: Workload) -> None:
+        """``wl`` becomes its job's workload (keeping the job's place in arrival order)."""
+        old = self.by_id.get(wl.id)
+        if old is not None:
+            self._drop(old)
+        self.by_id[wl.id] = wl
+        self._new[id(wl)] = wl
+
+    def remove(self, wid: str) -> None:
+        self._drop(self.by_id.pop(wid))
+
+    def _drop(self, wl: Workload) -> None:
+        if self._new.pop(id(wl), None) is None:  # a workload the last snapshot had
+            self._gone.append(wl)
+
+    def snapshot(self) -> tuple[Listing, WorkloadChanges]:
+        """This cycle's workloads, and how they differ from the last cycle's."""
+        token = object()
+        changes = WorkloadChanges(self._token, token, tuple(self._gone), tuple(self._new.values()))
+        self._token = token
+        self._gone = []
+        self._new = {}
+        return Listing(self.by_id), changes
+
+
+class Listing(Sequence[Workload]):
+    """The active workloads as one cycle sees them, listed only if the cycle reads them (with
+    changes, its memo does not). It may be read until :meth:`close`, called when the cycle is
+    over and before the simulator changes anything; afterwards a read it had not made fails."""
+
+    __slots__ = ("_by_id", "_items", "_open")
+
+    def __init__(self, by_id: dict[str, Workload]) -> None:
+        self._by_id = by_id
+        self._items: tuple[Workload, ...] | None = None
+        self._open = True
+
+    def close(self) -> None:
+        self._open = False
+
+    def _listed(self) -> tuple[Workload, ...]:
+        if self._items is None:
+            if not self._open:
+                raise RuntimeError("a cycle's workload listing was read after the cycle")
+            self._items = tuple(self._by_id.values())
+        return self._items
+
+    def __len__(self) -> int:
+        if self._items is None and self._open:
+            return len(self._by_id)
+        return len(self._listed())
+
+    @overload
+    def __getitem__(self, i: int) -> Workload: ...
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[Workload]: ...
+    def __getitem__(self, i: int | slice) -> Workload | Sequence[Workload]:
+        return self._listed()[i]
+
+    def __iter__(self) -> Iterator[Workload]:
+        return iter(self._listed())
