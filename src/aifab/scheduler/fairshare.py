@@ -107,29 +107,30 @@ def subtree_demand(tree: QueueTree, leaf_demand: Mapping[str, Vec]) -> dict[str,
 def _subtree_demand(info: TreeInfo, leaf_values: Mapping[str, Vec]) -> dict[str, Vec]:
     """Sum leaf values up the tree, capping each queue by its own limit."""
     out: dict[str, Vec] = {}
-    by_name = info.by_name
-
-    def visit(name: str) -> Vec:
-        q = by_name[name]
-        if q.children:
-            g = c = m = 0
-            for kid in q.children:
-                v = visit(kid)
-                g, c, m = g + v[0], c + v[1], m + v[2]
-        else:
-            g, c, m = leaf_values.get(name, ZERO)
-        lg, lc, lm = q.limit
-        total: Vec = (
-            g if lg is None else min(g, lg),
-            c if lc is None else min(c, lc),
-            m if lm is None else min(m, lm),
-        )
-        out[name] = total
-        return total
-
     for root in info.roots:
-        visit(root)
+        _sum_subtree(info, leaf_values, out, root)
     return out
+
+
+def _sum_subtree(info: TreeInfo, leaf_values: Mapping[str, Vec], out: dict[str, Vec], name: str) -> Vec:
+    # A module function, not a closure that calls itself: that would be a reference cycle
+    # left to the garbage collector after every cycle.
+    q = info.by_name[name]
+    if q.children:
+        g = c = m = 0
+        for kid in q.children:
+            v = _sum_subtree(info, leaf_values, out, kid)
+            g, c, m = g + v[0], c + v[1], m + v[2]
+    else:
+        g, c, m = leaf_values.get(name, ZERO)
+    lg, lc, lm = q.limit
+    total: Vec = (
+        g if lg is None else min(g, lg),
+        c if lc is None else min(c, lc),
+        m if lm is None else min(m, lm),
+    )
+    out[name] = total
+    return total
 
 
 def _split_level(
