@@ -7,7 +7,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from aifab.core.decisions import CycleResult
-from aifab.core.resources import Resources
 from aifab.core.snapshot import ClusterSnapshot
 from aifab.scheduler.actions import Action, get_action
 from aifab.scheduler.config import SchedulerConfig
@@ -15,7 +14,7 @@ from aifab.scheduler.context import Context
 from aifab.scheduler.explain import explain
 from aifab.scheduler.fairshare import fair_shares_and_demands
 from aifab.scheduler.jobs import PendingSet
-from aifab.scheduler.memo import CycleMemo
+from aifab.scheduler.memo import CycleMemo, FairShares
 from aifab.scheduler.plugins.orders import job_order
 from aifab.scheduler.session import Session, Vec, leaf_demand
 from aifab.scheduler.static import node_facts, tree_info
@@ -63,7 +62,7 @@ def _run(
     sess.jobs = PendingSet(index, sess.queues)
     sess.view_slot = memo.view
     sess.key_bounds = memo.bounds
-    fair, demand = _fair_shares(sess, snapshot, config, memo)
+    got = _fair_shares(sess, snapshot, config, memo)
     ctx = Context(sess, config)
     for action in actions:
         action(ctx)
@@ -76,19 +75,20 @@ def _run(
         "running": float(sess.running_count),
         **sess.stats,  # what actions report (e.g. preempt_blocked)
     }
+    fair, demand = memo.as_resources(got)
     return CycleResult(
         binds=tuple(sess.binds),
         evictions=tuple(sess.evictions),
         pending=pending,
-        fair_shares={n: Resources(v[0], v[1], v[2]) for n, v in fair.items()},
+        fair_shares=fair,
         stats=stats,
-        demands={n: Resources(v[0], v[1], v[2]) for n, v in demand.items()},
+        demands=demand,
     )
 
 
 def _fair_shares(
     sess: Session, snapshot: ClusterSnapshot, config: SchedulerConfig, memo: CycleMemo
-) -> tuple[dict[str, Vec], dict[str, Vec]]:
+) -> FairShares:
     """(fair share, demand) of every queue; a pure function of its inputs, so the memo keeps
     the last few answers by their inputs (the tree by identity: it is immutable, and the memo
     holds it)."""

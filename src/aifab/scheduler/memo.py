@@ -27,6 +27,7 @@ from operator import is_, is_not
 
 from aifab.core.nodes import Node, NodeState
 from aifab.core.queues import QueueTree
+from aifab.core.resources import Resources
 from aifab.core.snapshot import ClusterSnapshot, WorkloadChanges
 from aifab.core.workloads import Workload, WorkloadPhase
 from aifab.scheduler.config import Fairness, SchedulerConfig
@@ -117,6 +118,10 @@ class RunningBase:
 
 
 Swap = tuple[Workload, Workload]
+
+
+def _resources(by_queue: dict[str, tuple[int, int, int]]) -> dict[str, Resources]:
+    return {n: Resources(v[0], v[1], v[2]) for n, v in by_queue.items()}
 
 
 CHUNK = 256
@@ -223,6 +228,8 @@ class CycleMemo:
         self.bounds: KeyBounds | None = None  # of running workloads' job-order keys (preempt)
         self._fair: list[tuple[QueueTree, object, FairShares]] = []  # the last few, newest last
         self._columns: tuple[QueueTree | None, Columns] = (None, {})
+        self._as_resources: tuple[FairShares, tuple[dict[str, Resources], dict[str, Resources]]] | None
+        self._as_resources = None
 
     def fair_shares(self, tree: QueueTree, key: object) -> FairShares | None:
         """The (fair shares, demands) computed last for this tree and these inputs, if kept."""
@@ -234,6 +241,16 @@ class CycleMemo:
     def keep_fair_shares(self, tree: QueueTree, key: object, got: FairShares) -> FairShares:
         self._fair = [*self._fair[-(FAIR_KEPT - 1) :], (tree, key, got)]
         return got
+
+    def as_resources(self, got: FairShares) -> tuple[dict[str, Resources], dict[str, Resources]]:
+        """(fair shares, demands) as a cycle result holds them: each result gets its own
+        dicts, of Resources (immutable) made once for as long as the fair shares are the same
+        object (most cycles)."""
+        last = self._as_resources
+        if last is None or last[0] is not got:
+            last = self._as_resources = (got, (_resources(got[0]), _resources(got[1])))
+        fair, demand = last[1]
+        return dict(fair), dict(demand)
 
     def fair_columns(self, tree: QueueTree) -> Columns:
         """Per-resource splits remembered for this tree (see fair_shares_and_demands)."""
