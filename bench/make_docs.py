@@ -49,7 +49,22 @@ SECTIONS = [
         "policies); aifab's default ([scheduling.md](scheduling.md): fair share, the deserved-quota "
         "guarantee, priority then least-attained-service order inside a project). The quota promise "
         "(a job that fits in its project's unused deserved quota starts within 60 s) is defined in "
-        "`src/aifab/sim/metrics.py`. Wall seconds are per policy, two policies at a time on the 2 cores.",
+        "`src/aifab/sim/metrics.py`. Wall seconds are per policy, two policies at a time on the 2 cores; "
+        "these machines differ by up to 1.5x between sessions, so the calibration workload's time is "
+        "given to compare runs (the next section compares revisions side by side instead).",
+    ),
+    (
+        "5c. Philly replay speed against an earlier revision",
+        "philly_speedup.md",
+        "`bench/philly_speedup.py`: the same full replay under this tree and under a baseline git "
+        "revision (checked out into a temporary worktree), both at the same time, per policy: the "
+        "ratio holds on machines whose speed varies between sessions, and every metric of the two "
+        "must be the same. The baseline here is the last commit before the simulator handed each "
+        "cycle its changes (`ClusterSnapshot.changes`, `src/aifab/sim/state.py`): the memo then "
+        "applies what is gone and new instead of comparing the workload lists, the list itself is "
+        "only made if the cycle reads it, a long job list no cycle still reads is changed in place, "
+        "fair shares stopped leaving a reference cycle per cycle, and the replay pauses the cyclic "
+        "garbage collector.",
     ),
     (
         "5c. Scheduler speed",

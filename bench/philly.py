@@ -20,9 +20,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from aifab.sim.policies import POLICIES
 from aifab.sim.report import markdown_table, rich_table
 from aifab.sim.runner import RunSpec, run_policies
+from bench._timing import calibration_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -57,6 +60,7 @@ def main() -> int:
         cycle_period=args.cycle_period,
     )
     console = Console()
+    calib = calibration_seconds()  # this machine's speed, comparable between sessions
     started = time.perf_counter()
 
     last: dict[str, float] = {}
@@ -84,6 +88,7 @@ def main() -> int:
         "python": platform.python_version(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "total_wall_seconds": wall,
+        "calibration_seconds": calib,
         "jobs_parallel": args.jobs,
         "limit_jobs": args.limit_jobs,
         "cycle_interval": args.cycle_interval,
@@ -100,7 +105,8 @@ def main() -> int:
         "",
         f"- command: `{command}`",
         f"- date: {meta['date']}, nproc: {meta['nproc']}, Python {meta['python']}",
-        f"- total wall time: {wall:.0f} s ({args.jobs} process(es)); wall s and events/s per policy in the table",
+        f"- total wall time: {wall:.0f} s ({args.jobs} process(es)); wall s and events/s per policy in the table;"
+        f" calibration workload (`bench/_timing.py`, timed before the replays): {calib * 1000:.2f} ms",
         "- cluster: 56 nodes x 8 GPUs; one project per virtual cluster, deserved GPUs proportional to mean demand;"
         " jobs preemptible, checkpoint every 30 min, 60 s restart overhead",
         "",

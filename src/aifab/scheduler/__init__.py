@@ -21,7 +21,9 @@ cannot run never raises (it gets a PendingReason).
 
 A caller that runs cycle after cycle (the simulator) may pass a :class:`CycleMemo` it keeps:
 the cycle then updates what it derived from the previous snapshot instead of deriving it again
-(``memo``, ``pending``); the decisions are the same either way.
+(``memo``, ``pending``); the decisions are the same either way. A caller that knows what changed
+since its previous snapshot says so in ``ClusterSnapshot.changes``, and the memo's work follows
+the changes instead of the length of the workload list.
 """
 
 from aifab.scheduler.actions import ACTIONS

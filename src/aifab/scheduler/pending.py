@@ -236,14 +236,21 @@ class Group:
             infos.insert(p, a)
             at.append(p)
         # The array is made anew (numpy copies without touching reference counts): the kept
-        # columns in order, then the added ones written where their infos now are.
-        data = self.data
-        if removed:
-            data = np.delete(data, removed, axis=1)
+        # columns in order around the added ones, written where their infos now are.
+        old = self.data
+        data = np.empty((old.shape[0], len(keys)), dtype=np.int64)
+        into: slice | BoolArr = slice(None)
         if added:
-            cols = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).T
-            # np.insert wants positions in the array before any insertion.
-            data = np.insert(data, [p - k for k, p in enumerate(at)], cols, axis=1)
+            data[:, at] = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).T
+            free = np.ones(len(keys), dtype=np.bool_)
+            free[at] = False
+            into = free
+        if removed:
+            kept = np.ones(old.shape[1], dtype=np.bool_)
+            kept[list(removed)] = False
+            data[:, into] = old[:, kept]
+        else:
+            data[:, into] = old
         self.ranks = None
         self._set(infos, keys, data)
         return self
