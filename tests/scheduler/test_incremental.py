@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -114,7 +115,7 @@ def test_key_bounds_answer_as_asking_every_workload(
             gone.append(running.pop(i))
         elif op == "tick":
             clock.now += a
-        bounds.update(gone, new)  # once per cycle
+        bounds.update(gone, new, clock.now)  # once per cycle
         if op == "ask":
             prio = 50 if g != 4 else 100
             pending = Workload(
@@ -137,6 +138,29 @@ def test_key_bounds_answer_as_asking_every_workload(
                 ]
                 assert got is not None
                 assert sorted(w.id for w in got) == sorted(w.id for w in want)
+
+
+@pytest.mark.parametrize("gpus", [1, 2, 4])
+@pytest.mark.parametrize("start", [0.0, 1234.5])
+def test_las_bounds_see_a_step_the_moment_it_is_reached(gpus: int, start: float) -> None:
+    """The bounds look again at a running LAS workload only once its attained service could
+    have reached its next step (see KeyBounds._wait): never later than the step itself."""
+    order = "las"
+    jkey = JOB_ORDERS[order]
+    bounds = KeyBounds(order, jkey, KEY_STEADY_BELOW[order])
+    clock = Clock()
+    clock.now = start
+    w = running_view(_running(1, gpus, 0.0, 1e5), clock, start, float(gpus))
+    step = KEY_STEADY_BELOW[order](w)
+    crossing = start + step / gpus  # attained service reaches the step here
+    pending = replace(_running(2, 1, 0.0, 1e5), phase=WorkloadPhase.PENDING, submit_time=9.0)
+    bounds.update([], [w], clock.now)
+    for t in [crossing - 1.0, crossing - 1e-6, crossing, crossing + 1e-6, crossing + 5.0]:
+        clock.now = t
+        bounds.update([], [], t)
+        want = [x for x in [w] if jkey(x) > jkey(pending)]
+        assert bounds.outranked(50, jkey(pending), {"q0", "q1"}) == want, t
+        assert (want != []) == (t >= crossing)
 
 
 @settings(max_examples=200, deadline=None)

@@ -17,6 +17,9 @@ what the job order promises about keys as attained service grows:
   :data:`~aifab.scheduler.plugins.orders.KEY_STEADY_BELOW`: LAS, whose key rises in steps):
   the kept key is exact while the attained service is below the limit. Once per cycle the
   workloads that reached theirs get their key again; then every kept key is the key now.
+  Attained service grows by at most the GPUs a workload holds (or asks for, if more) per
+  second of the snapshots' ``now``, so each such workload waits in a heap by the earliest
+  time it could reach its limit and only those whose time has come are looked at.
 
 Either way a question keeps exactly the workloads that asking each one would keep. Keys that
 cannot be ordered (a NaN) turn the bounds off for good (the caller then asks each one).
@@ -24,12 +27,16 @@ cannot be ordered (a NaN) turn the bounds off for good (the caller then asks eac
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Callable, Container, Iterable
+from itertools import count
 
 from aifab.core.workloads import Workload
 
 JobKey = Callable[[Workload], tuple[object, ...]]
+# (workload, priority, key, limit, the cycle the key was computed in)
+Entry = tuple[Workload, int, tuple[object, ...], float, int]
 Steady = Callable[[Workload], float]
 INF = math.inf
 
@@ -54,27 +61,68 @@ class KeyBounds:
         self.jkey = jkey
         self.steady = steady
         self.ok = True
-        self._entries: dict[int, tuple[Workload, int, tuple[object, ...], float, int]] = {}
+        self._entries: dict[int, Entry] = {}
         self._cycle = 0  # a key computed in this cycle is the key now
         self._renewed = -1  # the cycle whose reached limits were renewed (keys that never fall)
+        self._now = 0.0  # the snapshot time of this cycle
+        # (earliest time the entry's workload could reach its limit, tie-break, entry); an item
+        # whose entry was replaced or dropped is stale and passed over.
+        self._due: list[tuple[float, int, Entry]] = []
+        self._seq = count()
 
-    def update(self, gone: Iterable[Workload], new: Iterable[Workload]) -> None:
-        """Running workloads that stopped, and ones that started, since the last cycle (one
-        call per cycle, before its questions)."""
+    def update(self, gone: Iterable[Workload], new: Iterable[Workload], now: float) -> None:
+        """Running workloads that stopped, and ones that started, since the last cycle, whose
+        snapshot time is ``now`` (one call per cycle, before its questions)."""
         self._cycle += 1
+        self._now = now
         entries = self._entries
         for w in gone:
             entries.pop(id(w), None)
         for w in new:
             self._exact(w)
+        due = self._due
+        if len(due) > 2 * len(entries) + 64:  # mostly stale items: keep the live ones
+            self._due = [item for item in due if entries.get(id(item[2][0])) is item[2]]
+            heapq.heapify(self._due)
 
     def _exact(self, w: Workload) -> tuple[object, ...]:
         key = self.jkey(w)
         if has_nan(key):
             self.ok = False
         limit = INF if self.steady is None else self.steady(w)
-        self._entries[id(w)] = (w, w.priority, key, limit, self._cycle)
+        entry = self._entries[id(w)] = (w, w.priority, key, limit, self._cycle)
+        if limit < INF:
+            self._wait(entry, w.attained_gpu_seconds)
         return key
+
+    def _wait(self, entry: Entry, attained: float) -> None:
+        """Queue ``entry`` by the earliest time its workload could reach its limit (never, if
+        it asks for and holds no GPU); a little early, so that rounding never makes it late."""
+        w, limit = entry[0], entry[3]
+        held = sum(p.gpu_milli * len(p.devices) for p in w.placements)
+        rate = max(held, w.gpu_milli_requested) / 1000  # GPU-seconds per second, at most
+        if rate > 0:
+            at = self._now + (limit - attained) / rate * (1 - 1e-9) - 1e-6
+            heapq.heappush(self._due, (at, next(self._seq), entry))
+
+    def _renew(self) -> None:
+        """Compute the key again of every workload that reached its limit (see the module doc)."""
+        due, entries, now = self._due, self._entries, self._now
+        not_yet: list[tuple[Entry, float]] = []
+        while due and due[0][0] <= now:
+            _, _, entry = heapq.heappop(due)
+            w = entry[0]
+            if entries.get(id(w)) is not entry:
+                continue  # stale: the workload stopped, or its key was computed again since
+            attained = w.attained_gpu_seconds
+            if attained >= entry[3]:
+                self._exact(w)  # queued again by its new limit, which lies above
+            else:
+                not_yet.append((entry, attained))
+        # Queued again only now: one whose next time is still not after now (a hair below its
+        # limit) is looked at again next cycle, not again and again in this one.
+        for entry, attained in not_yet:
+            self._wait(entry, attained)
 
     def outranked(
         self, priority: int, order: tuple[object, ...], queues: Container[str]
@@ -92,9 +140,7 @@ class KeyBounds:
         if not self.ok or has_nan(order):
             return None
         if self.steady is not None and self._renewed != self._cycle:
-            due = [e[0] for e in self._entries.values() if e[3] < INF and e[0].attained_gpu_seconds >= e[3]]
-            for w in due:
-                self._exact(w)
+            self._renew()
             self._renewed = self._cycle
         out = [
             w

@@ -301,6 +301,7 @@ class CycleMemo:
         gone: list[Workload],
         new: list[Workload],
         kept: list[Swap],
+        now: float,
     ) -> None:
         """Keep bounds of the running workloads' keys where preemption by job order reads them
         (see :mod:`~aifab.scheduler.keybounds`); only with unique ids (keys end with the id)."""
@@ -315,11 +316,12 @@ class CycleMemo:
             self.bounds = None
         elif bounds is None or rebuilt or bounds.job_order != order or bounds.jkey is not jkey:
             self.bounds = KeyBounds(order, jkey, None if order in KEY_NEVER_RISES else steady)
-            self.bounds.update((), base.running.values())
+            self.bounds.update((), base.running.values(), now)
         else:
             bounds.update(
                 [*(w for w in gone if w.phase is RUNNING), *(a for a, _ in kept)],
                 [*(w for w in new if w.phase is RUNNING), *(b for _, b in kept)],
+                now,
             )
 
     def _refresh(
@@ -367,7 +369,7 @@ class CycleMemo:
                     base.apply(w, 1)
             for a, b in kept:
                 base.swap(a, b)
-        self._sync_bounds(config, jkey, base, rebuilt, gone, new, kept)
+        self._sync_bounds(config, jkey, base, rebuilt, gone, new, kept, snapshot.now)
 
         grouped = config.fairness is not Fairness.NONE
         hint = facts.max_device_memory
