@@ -127,7 +127,6 @@ class Simulator(SkipRules):
         self.running_on: list[set[str]] = [set() for _ in self.nodes]
         self.heap: list[tuple[float, int, int, int, int]] = []
         self.arrivals_left = len(scenario.jobs)
-        self.n_running = 0  # jobs
         self.nodes_down = 0
         self.cycled_idle = False  # see _stalled
         self.seq = 0
@@ -260,9 +259,9 @@ class Simulator(SkipRules):
                 self._node_up(a)
             elif kind == CYCLE and self.cycle_at == t:
                 self.cycle_at = None
-                idle = not self.n_running and not self.nodes_down
+                idle = not self._any_running() and not self.nodes_down
                 self._cycle()
-                self.cycled_idle = idle and not self.n_running
+                self.cycled_idle = idle and not self._any_running()
             if kind != CYCLE and self.dirty and self.pending and (not heap or heap[0][0] > t):
                 # Last event at this time changed something: a cycle is due. (A cycle never
                 # asks for itself here, so a skipped one cannot loop; it asks in _cycle.)
@@ -291,6 +290,9 @@ class Simulator(SkipRules):
             wall_seconds=wall,
             open_intervals=open_intervals,
         )
+
+    def _any_running(self) -> bool:
+        return len(self.active) > len(self.pending)  # active jobs are pending or running
 
     def _stalled(self) -> bool:
         """With node failures the events never run out, so a replay whose waiting jobs can
@@ -490,7 +492,6 @@ class Simulator(SkipRules):
         overhead = self.sim.restart_overhead if job.needs_restore else 0.0
         job.run_start = now
         job.resume = now + overhead
-        self.n_running += 1
         job.epoch += 1
         job.wl = changed(
             wl,
@@ -513,7 +514,6 @@ class Simulator(SkipRules):
 
     def _release(self, job: JobState) -> None:
         wid = job.wl.id
-        self.n_running -= 1
         for pl in job.wl.placements:
             ni = self.node_index[pl.node]
             task = job.wl.tasks[pl.task_index]
