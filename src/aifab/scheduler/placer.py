@@ -68,6 +68,8 @@ def place_workload(
         return False
     sess.gpu_models_hint = w.gpu_models
     order = task_order(specs)
+    if not room_for_whole_gpus(sess, specs, order[: w.gang_size]):
+        return False
     topo = w.topology
     if topo is not None and len(specs) > 1 and topo.level != "":
         for dom_nodes in _domains_best_first(sess, topo.level, nodes, specs[order[0]], w.gang_size):
@@ -81,6 +83,25 @@ def place_workload(
         if topo.mode is TopologyMode.REQUIRED:
             return False
     return _place_tasks(sess, stmt, w, specs, order, leaf, scorer, allowed, extra_ok)
+
+
+def room_for_whole_gpus(sess: Session, specs: list[TaskSpec], required: list[int]) -> bool:
+    """Whether the schedulable nodes' fully free GPUs could hold the ``required`` tasks'
+    whole-GPU requests: necessary for the gang to fit, so a failing check spares a placement
+    attempt bound to fail. Counts come from the session's histogram of free whole GPUs per node,
+    so this costs O(GPUs per node) whatever the cluster size; other kinds of tasks pass."""
+    need: dict[int, int] = {}
+    for ti in required:
+        s = specs[ti]
+        if s.kind is WHOLE and s.count > 0:
+            need[s.count] = need.get(s.count, 0) + 1
+    if not need:
+        return True
+    hist = sess.whole_hist
+    if sum(c * k for c, k in need.items()) > sum(f * hist[f] for f in range(1, len(hist))):
+        return False
+    # Per task size: the nodes could hold at most sum(free // size) such tasks.
+    return all(sum((f // c) * hist[f] for f in range(c, len(hist))) >= k for c, k in need.items())
 
 
 def _domains_best_first(
