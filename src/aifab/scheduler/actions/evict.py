@@ -133,11 +133,14 @@ def _reclaim(ctx: Context, leaf: QueueState, pj: PendingJob, by_leaf: _Victims, 
     """One reclaim attempt for ``pj``: by fair share (``_FAIR``) or by the guarantee
     (``_DESERVED``, then ``_BORROWING``; see the module doc). All or nothing."""
     floor = _FAIR if kind == _FAIR else _DESERVED
-    lists = [by_leaf[q.name] for q in ctx.leaves if q is not leaf and q.allocated[0] > _floor(q, floor)[0]]
-    if not lists:
+    lenders = [q for q in ctx.leaves if q is not leaf and q.allocated[0] > _floor(q, floor)[0]]
+    if not lenders:
         return False
 
-    def victims() -> Iterator[RunJob]:
+    def victims(step: int) -> Iterator[RunJob]:
+        # Only victims the guard of this step could let go (see _Victims.lists). Keys end with
+        # the workload id, so merging the lists gives victim order whatever they are split in.
+        lists = [lst for q in lenders for lst in by_leaf.lists(q, step)]
         return (j for _, j in heapq.merge(*lists, key=by_key))
 
     cause = EvictionCause.RECLAIM if kind == _FAIR else EvictionCause.GUARANTEE
@@ -147,12 +150,12 @@ def _reclaim(ctx: Context, leaf: QueueState, pj: PendingJob, by_leaf: _Victims, 
     # workloads crossed the line, so any of them may go while the queue is still above it.
     steps = (_FAIR,) if kind == _FAIR else (_DESERVED, _BORROWING)
     for step in steps:
-        if evict_and_place(ctx, pj, victims(), _share_guard(leaf, step), cause, why):
+        if evict_and_place(ctx, pj, victims(step), _share_guard(leaf, step), cause, why):
             return True
     # No node frees up by eviction alone: evict anywhere, move a node's occupants into that
     # room (for a multi-GPU job inside the deserved quota).
     guard = _share_guard(leaf, steps[-1])
-    return _may_move(ctx, leaf, pj) and reclaim_with_moves(ctx, pj, victims(), guard, why, cause)
+    return _may_move(ctx, leaf, pj) and reclaim_with_moves(ctx, pj, victims(steps[-1]), guard, why, cause)
 
 
 def _reclaim_reason(pj: PendingJob, leaf: QueueState, kind: int) -> Callable[[RunJob], str]:
@@ -190,20 +193,47 @@ def by_key(t: tuple[tuple[object, ...], RunJob]) -> tuple[object, ...]:
     return t[0]
 
 
-class _Victims(dict[str, list[tuple[tuple[object, ...], RunJob]]]):
-    """Evictable running jobs per leaf queue with their victim-order keys, sorted once, built
-    only for the queues asked about."""
+Keyed = list[tuple[tuple[object, ...], RunJob]]
+
+
+class _Victims(dict[str, list[tuple[int, int, Keyed]]]):
+    """Evictable running jobs per leaf queue with their victim-order keys, built only for the
+    queues asked about: one list per GPU milli the victims hold, each sorted once, with the
+    least CPU milli of its victims (only read for victims without GPUs)."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__()
         self.ctx = ctx
 
-    def __missing__(self, name: str) -> list[tuple[tuple[object, ...], RunJob]]:
+    def __missing__(self, name: str) -> list[tuple[int, int, Keyed]]:
         ctx = self.ctx
-        lst = [(ctx.vkey(j), j) for j in ctx.sess.queue_jobs(name) if ctx.sess.evictable(j)]
-        lst.sort(key=by_key)
-        self[name] = lst
-        return lst
+        by_size: dict[int, Keyed] = {}
+        for j in ctx.sess.queue_jobs(name):
+            if ctx.sess.evictable(j):
+                by_size.setdefault(j.vec[0], []).append((ctx.vkey(j), j))
+        out = []
+        for size in sorted(by_size):
+            lst = by_size[size]
+            lst.sort(key=by_key)
+            out.append((size, min(j.vec[1] for _, j in lst), lst))
+        self[name] = out
+        return out
+
+    def lists(self, q: QueueState, step: int) -> list[Keyed]:
+        """The lists of ``q`` whose victims :func:`_share_guard`'s test on their own queue
+        could let go at ``step``; the others fail it now and keep failing while an attempt only
+        evicts (a queue just at its share may hold thousands of workloads bigger than its
+        excess)."""
+        out = []
+        for gpu, cpu, lst in self[q.name]:
+            k, need = (0, gpu) if gpu > 0 else (1, cpu)
+            if step == _BORROWING:
+                ok = q.allocated[k] > q.deserved[k]
+            else:
+                ok = q.allocated[k] - need >= _floor(q, step)[k]
+            if ok:
+                out.append(lst)
+        return out
 
 
 def _victims_by_leaf(ctx: Context) -> _Victims:
