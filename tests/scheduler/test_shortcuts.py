@@ -3,7 +3,9 @@ cycle must decide exactly the same.
 
 * ``room_for_whole_gpus`` turns a gang away before any node is scored when the cluster's fully
   free GPUs could not hold it (a necessary condition);
-* reclaim leaves out the victims whose own queue could not let them go (``_Victims.lists``).
+* reclaim leaves out the victims whose own queue could not let them go (``_Victims.lists``);
+* allocate refuses a whole job list in one step when the static quota refuses each of its jobs
+  (``search.static_refuses_all``), short lists included, with the reasons worded lazily.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aifab.core import ClusterSnapshot, GpuRequest, QueueTree, TaskRequest, Workload, gpu_queue, uniform_node
-from aifab.scheduler import Fairness, SchedulerConfig, run_cycle
+from aifab.scheduler import Fairness, SchedulerConfig, run_cycle, search
 from aifab.scheduler import placer as placer_module
 from aifab.scheduler.actions import evict as evict_module
 
@@ -56,6 +58,7 @@ def _same_with_and_without(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
         checked = run_cycle(snap, cfg)
     with pytest.MonkeyPatch.context() as mp, counted(mp, check=False) as _:
         mp.setattr(evict_module._Victims, "lists", _every_list)
+        mp.setattr(search, "static_refuses_all", lambda ctx, lj: False)
         unchecked = run_cycle(snap, cfg)
     assert checked == unchecked
 
@@ -95,3 +98,75 @@ def test_room_check_turns_away_a_gang_that_cannot_fit(monkeypatch: pytest.Monkey
     assert refused[0] >= 1  # the 2 x 8 gang: one node has 8 free GPUs, not two
     assert {b.workload_id for b in result.binds} == {"small"}  # a gang that fits is not turned away
     assert "gang" in result.pending
+
+
+@st.composite
+def static_backlogs(draw: Any) -> ClusterSnapshot:
+    """Projects running near their deserved GPUs with waiting lists short and long (below and
+    above the length from which lists are searched vectorised), some with limits or
+    non-preemptible jobs, so that every check can come first."""
+    nodes = tuple(uniform_node(f"n{i}", 8) for i in range(4))
+    placer = Placer(nodes)
+    queues, ws = [], []
+    for q in range(3):
+        deserved = draw(st.sampled_from([2, 4, 8]))
+        queues.append(
+            gpu_queue(f"q{q}", deserved, limit_gpus=draw(st.sampled_from([None, None, deserved + 1])))
+        )
+        used = draw(st.integers(max(0, deserved - 2), deserved))
+        if used:
+            w = Workload(id=f"r{q}", queue=f"q{q}", tasks=(TaskRequest(GpuRequest.whole(used)),))
+            ws.append(running(w, placer, nodes[q].name, 0.0))
+        for j in range(draw(st.sampled_from([1, 3, 30, 80]))):
+            ws.append(
+                Workload(
+                    id=f"p{q}-{j}",
+                    queue=f"q{q}",
+                    tasks=(TaskRequest(GpuRequest.whole(draw(st.sampled_from([1, 2, 4])))),),
+                    preemptible=draw(st.integers(0, 9)) > 0,
+                    submit_time=float(j),
+                )
+            )
+    return ClusterSnapshot(nodes, QueueTree(queues), tuple(ws), now=10.0)
+
+
+STATIC = [
+    SchedulerConfig(fairness=Fairness.STATIC),
+    SchedulerConfig(placement="binpack", fairness=Fairness.STATIC, backfill=False),
+]
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(static_backlogs(), st.sampled_from(STATIC))
+def test_static_refusal_in_one_step_words_the_same_reasons(
+    snap: ClusterSnapshot, cfg: SchedulerConfig
+) -> None:
+    _same_with_and_without(snap, cfg)
+
+
+def test_static_refusal_in_one_step_is_taken(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A project at its quota with three waiting jobs: refused in one step, each with the
+    static quota's reason."""
+    nodes = (uniform_node("n0", 8),)
+    placer = Placer(nodes)
+    busy = running(Workload(id="r", queue="a", tasks=(TaskRequest(GpuRequest.whole(4)),)), placer, "n0", 0.0)
+    waiting = tuple(
+        Workload(id=f"p{j}", queue="a", tasks=(TaskRequest(GpuRequest.whole(1)),), submit_time=float(j))
+        for j in range(3)
+    )
+    snap = ClusterSnapshot(nodes, QueueTree([gpu_queue("a", 4)]), (busy, *waiting), now=10.0)
+    taken = []
+    real = search.static_refuses_all
+
+    def spy(ctx: Any, lj: Any) -> bool:
+        taken.append(real(ctx, lj))
+        return taken[-1]
+
+    monkeypatch.setattr(search, "static_refuses_all", spy)
+    result = run_cycle(snap, SchedulerConfig(fairness=Fairness.STATIC))
+    assert any(taken)
+    assert not result.binds
+    for j in range(3):
+        reason = result.pending[f"p{j}"]
+        assert reason.code.value == "over_fair_share", reason
+        assert "4" in reason.message

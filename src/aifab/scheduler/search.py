@@ -135,6 +135,10 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
         refused = np.flatnonzero(todo)
         codes = np.full(refused.size, _CAPACITY, dtype=np.uint8)
         j = n - i
+    elif checks and static_refuses_all(ctx, lj):
+        refused = np.flatnonzero(todo)
+        codes = np.full(refused.size, _STATIC, dtype=np.uint8)
+        j = n - i
     else:
         # In windows that grow: the job to try is usually near the front of a long list, and
         # nothing changes between windows (the refused ones of each are marked as one segment).
@@ -161,6 +165,22 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
 
 
 _WINDOW = 64  # jobs next_to_try looks at first
+
+
+def static_refuses_all(ctx: Context, lj: LeafJobs) -> bool:
+    """Static quotas, and the first check that refuses each job of the list is the static one:
+    no limit or non-preemptible check comes before it, and even the list's smallest GPU request
+    would take the queue beyond its deserved GPUs (a queue at its quota with a backlog, the
+    usual state under static quotas)."""
+    leaf, grp = lj.leaf, lj.group
+    return (
+        ctx.config.fairness is Fairness.STATIC
+        and leaf is not None
+        and not leaf.limits
+        and grp.all_pre
+        and grp.min_gpu > 0
+        and leaf.allocated[0] + grp.min_gpu > leaf.deserved[0]
+    )
 
 
 def _refused(ctx: Context, lj: LeafJobs, checks: bool) -> Refused:
