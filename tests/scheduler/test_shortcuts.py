@@ -4,8 +4,9 @@ cycle must decide exactly the same.
 * ``room_for_whole_gpus`` turns a gang away before any node is scored when the cluster's fully
   free GPUs could not hold it (a necessary condition);
 * reclaim leaves out the victims whose own queue could not let them go (``_Victims.lists``);
-* allocate refuses a whole job list in one step when the static quota refuses each of its jobs
-  (``search.static_refuses_all``), short lists included, with the reasons worded lazily.
+* allocate refuses a whole job list in one step when one check refuses each of its jobs (no
+  room for the smallest, or the static quota: ``search.refuses_all``), short lists included,
+  with the reasons worded lazily.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def _same_with_and_without(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
     with pytest.MonkeyPatch.context() as mp, counted(mp, check=False) as _:
         mp.setattr(evict_module._Victims, "lists", _every_list)
         mp.setattr(search, "static_refuses_all", lambda ctx, lj: False)
+        mp.setattr(search, "refuses_all", lambda ctx, lj: False)
         unchecked = run_cycle(snap, cfg)
     assert checked == unchecked
 

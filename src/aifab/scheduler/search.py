@@ -117,27 +117,17 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
     refusal stops, and (``within``) that fits its queue's fair share; ``lj.n`` if none. The
     refused jobs before it are marked done, with their reasons (one segment)."""
     n = lj.n
-    sess = ctx.sess
     i = lj.done.find(0, i)  # done jobs are passed over
     if i < 0:
         return n
     fairness = ctx.config.fairness
     leaf = lj.leaf
-    # Whether a queue check (limits, non-preemptible quota, static quota) may refuse first.
-    checks = (
-        fairness is not Fairness.NONE
-        and leaf is not None
-        and (bool(leaf.limits) or not lj.group.all_pre or fairness is Fairness.STATIC)
-    )
+    checks = _queue_checks(ctx, lj)
     todo = lj.done_np[i:] == 0
-    if not checks and lj.group.min_gpu > sess.total_free_milli:
-        # No job of the list asks for less than is free: each is refused for capacity.
+    every = _refusal_of_all(ctx, lj, checks)
+    if every:
         refused = np.flatnonzero(todo)
-        codes = np.full(refused.size, _CAPACITY, dtype=np.uint8)
-        j = n - i
-    elif checks and static_refuses_all(ctx, lj):
-        refused = np.flatnonzero(todo)
-        codes = np.full(refused.size, _STATIC, dtype=np.uint8)
+        codes = np.full(refused.size, every, dtype=np.uint8)
         j = n - i
     else:
         # In windows that grow: the job to try is usually near the front of a long list, and
@@ -165,6 +155,32 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
 
 
 _WINDOW = 64  # jobs next_to_try looks at first
+
+
+def _queue_checks(ctx: Context, lj: LeafJobs) -> bool:
+    """Whether a queue check (limits, non-preemptible quota, static quota) may refuse first."""
+    fairness, leaf = ctx.config.fairness, lj.leaf
+    return (
+        fairness is not Fairness.NONE
+        and leaf is not None
+        and (bool(leaf.limits) or not lj.group.all_pre or fairness is Fairness.STATIC)
+    )
+
+
+def _refusal_of_all(ctx: Context, lj: LeafJobs, checks: bool) -> int:
+    """The code of the refusal every job of the list gets now, if one check refuses them all
+    first (0: none does)."""
+    if not checks and lj.group.min_gpu > ctx.sess.total_free_milli:
+        return _CAPACITY  # no job of the list asks for less than is free
+    if checks and static_refuses_all(ctx, lj):
+        return _STATIC
+    return 0
+
+
+def refuses_all(ctx: Context, lj: LeafJobs) -> bool:
+    """Whether one check refuses every job of the list before placement (see next_to_try's
+    first step), so that a list of any length is best refused in one vectorised step."""
+    return _refusal_of_all(ctx, lj, _queue_checks(ctx, lj)) != 0
 
 
 def static_refuses_all(ctx: Context, lj: LeafJobs) -> bool:

@@ -72,9 +72,10 @@ def _run_queue(ctx: Context, jobs: LeafJobs, i: int, within: bool, stop_after_bi
     passed over in one vectorised step (:func:`~aifab.scheduler.search.next_to_try`)."""
     n = jobs.n
     backfill = ctx.config.backfill
-    # A short list is walked job by job, unless the static quota refuses each of its jobs:
-    # then one vectorised step words none of their reasons until they are read.
-    vector_min = 0 if backfill and search.static_refuses_all(ctx, jobs) else search.VECTOR_MIN
+    # A short list is walked job by job, unless one check refuses each of its jobs (no room
+    # for even the smallest, or the static quota): then one vectorised step refuses them all
+    # and words none of their reasons until they are read.
+    vector_min = 0 if backfill and search.refuses_all(ctx, jobs) else search.VECTOR_MIN
     while i < n:
         if backfill and n - i >= vector_min:
             i = next_to_try(ctx, jobs, i, within)
