@@ -59,12 +59,16 @@ SECTIONS = [
         "`bench/philly_speedup.py`: the same full replay under this tree and under a baseline git "
         "revision (checked out into a temporary worktree), both at the same time, per policy: the "
         "ratio holds on machines whose speed varies between sessions, and every metric of the two "
-        "must be the same. The baseline here is the last commit before the simulator handed each "
-        "cycle its changes (`ClusterSnapshot.changes`, `src/aifab/sim/state.py`): the memo then "
-        "applies what is gone and new instead of comparing the workload lists, the list itself is "
-        "only made if the cycle reads it, a long job list no cycle still reads is changed in place, "
-        "fair shares stopped leaving a reference cycle per cycle, and the replay pauses the cyclic "
-        "garbage collector.",
+        "must be the same. The baseline here is the last commit before three shortcuts that only "
+        "spare work bound to come to nothing (`tests/scheduler/test_shortcuts.py` switches each off "
+        "and compares whole cycles): a gang whose whole-GPU tasks the free-GPU histogram could not "
+        "hold is turned away before any node is scored (`placer.room_for_whole_gpus`); a job list "
+        "whose every job one check refuses (no room for the smallest, or the static quota) is "
+        "refused in one vectorised step, short lists included (`search.refuses_all`); reclaim "
+        "merges only the victims whose own queue could let them go (`evict._Victims.lists`). The "
+        "previous comparison (baseline `7d4b71f`, the simulator handing each cycle its changes) is "
+        "in the git history of `bench/results/philly_speedup.md`; machines differ between "
+        "sessions, so the wall seconds of the two comparisons do not compare, their ratios do.",
     ),
     (
         "5c. Scheduler speed",
