@@ -4,6 +4,8 @@ cycle must decide exactly the same.
 * ``room_for_whole_gpus`` turns a gang away before any node is scored when the cluster's fully
   free GPUs could not hold it (a necessary condition);
 * reclaim leaves out the victims whose own queue could not let them go (``_Victims.lists``);
+* preempt passes over a gang the nodes could not hold even with every workload it outranks
+  evicted (``preempt._plan_room``'s ``_TOO_FEW_NODES``), without trying to evict and place it;
 * allocate refuses a whole job list in one step when one check refuses each of its jobs (no
   room for the smallest, or the static quota: ``search.refuses_all``), short lists included,
   with the reasons worded lazily.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from importlib import import_module
 from typing import Any
 
 import pytest
@@ -26,6 +29,9 @@ from aifab.scheduler.actions import evict as evict_module
 
 from .helpers import Placer, running
 from .test_invariants import CONFIGS, contended, snapshots
+
+# The package exports the action functions under the modules' names.
+preempt_module = import_module("aifab.scheduler.actions.preempt")
 
 PREEMPTING = SchedulerConfig(
     placement="aifab", fairness=Fairness.NONE, job_order="las", preempt_by_job_order=True
@@ -54,6 +60,14 @@ def _every_list(self: Any, q: Any, step: int) -> list[Any]:
     return [lst for _, _, lst in self[q.name]]
 
 
+_plan_room = preempt_module._plan_room
+
+
+def _plan_room_without_counting(*args: Any) -> int:
+    got = _plan_room(*args)
+    return preempt_module._MAYBE if got == preempt_module._TOO_FEW_NODES else got
+
+
 def _same_with_and_without(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
     with pytest.MonkeyPatch.context() as mp, counted(mp) as _:
         checked = run_cycle(snap, cfg)
@@ -61,6 +75,7 @@ def _same_with_and_without(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
         mp.setattr(evict_module._Victims, "lists", _every_list)
         mp.setattr(search, "static_refuses_all", lambda ctx, lj: False)
         mp.setattr(search, "refuses_all", lambda ctx, lj: False)
+        mp.setattr(preempt_module, "_plan_room", _plan_room_without_counting)
         unchecked = run_cycle(snap, cfg)
     assert checked == unchecked
 
@@ -172,3 +187,47 @@ def test_static_refusal_in_one_step_is_taken(monkeypatch: pytest.MonkeyPatch) ->
         reason = result.pending[f"p{j}"]
         assert reason.code.value == "over_fair_share", reason
         assert "4" in reason.message
+
+
+def _gang_behind_lower_priority(full: int, half: int, gang: int) -> ClusterSnapshot:
+    """8-GPU nodes: ``full`` of them full of lower-priority preemptible work, ``half`` with 4
+    GPUs of it next to 4 GPUs of work it may not evict; a higher-priority gang of ``gang``
+    8-GPU tasks."""
+    nodes = tuple(uniform_node(f"n{i}", 8) for i in range(full + half))
+    placer = Placer(nodes)
+    busy = []
+    for i, n in enumerate(nodes):
+        low = 8 if i < full else 4
+        w = Workload(id=f"low{i}", queue="a", tasks=(TaskRequest(GpuRequest.whole(low)),), priority=25)
+        busy.append(running(w, placer, n.name, 0.0))
+        if i >= full:
+            keep = Workload(
+                id=f"keep{i}",
+                queue="a",
+                tasks=(TaskRequest(GpuRequest.whole(4)),),
+                priority=100,  # not outranked: the gang's victims are only the low ones
+                preemptible=False,
+            )
+            busy.append(running(keep, placer, n.name, 0.0))
+    high = Workload(id="high", queue="a", tasks=(TaskRequest(GpuRequest.whole(8)),) * gang, priority=100)
+    return ClusterSnapshot(nodes, QueueTree([gpu_queue("a", 8 * len(nodes))]), (*busy, high), now=10.0)
+
+
+@pytest.mark.parametrize(
+    ("full", "half", "gang", "placed"), [(2, 0, 2, True), (2, 2, 3, False), (3, 2, 3, True)]
+)
+def test_preempt_counts_the_nodes_a_gang_needs(
+    monkeypatch: pytest.MonkeyPatch, full: int, half: int, gang: int, placed: bool
+) -> None:
+    """The gang starts when just enough lower-priority work can be preempted, and is passed
+    over (``_TOO_FEW_NODES``) when there are GPUs enough to preempt but one node too few could
+    be freed whole."""
+    snap = _gang_behind_lower_priority(full, half, gang)
+    cfg = SchedulerConfig(placement="binpack")
+    seen: list[int] = []
+    monkeypatch.setattr(preempt_module, "_plan_room", lambda *a: seen.append(_plan_room(*a)) or seen[-1])
+    result = run_cycle(snap, cfg)
+    assert ("high" in result.bound_workloads()) is placed
+    assert (preempt_module._TOO_FEW_NODES in seen) is not placed
+    monkeypatch.undo()
+    _same_with_and_without(snap, cfg)

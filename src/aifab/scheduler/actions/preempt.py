@@ -41,9 +41,15 @@ def preempt(ctx: Context) -> None:
             if (pj.shape, pj.order) in failed or not _could_preempt(ctx, name, pj, global_pool):
                 continue
             maybe, exact = _outranked(ctx, pj, None if global_pool else name, pools)
-            if _no_plan(ctx.sess, pj, maybe):
-                # evict_and_place would fail untouched, and hopeless (see _hopeless) too.
+            plan = _plan_room(ctx.sess, pj, maybe)
+            if plan != _MAYBE:
+                # evict_and_place would fail untouched (and be hopeless, see _hopeless, when no
+                # node has room; otherwise that only matters while every attempt so far was).
                 failed.add((pj.shape, pj.order))
+                if plan == _TOO_FEW_NODES and blocked:
+                    if not exact:
+                        maybe = _exactly(ctx, pj, None if global_pool else name, pools, maybe)
+                    blocked = _hopeless(ctx.sess, pj, _victims(ctx, maybe))
                 budget[0] -= 1
                 continue
             if not exact:
@@ -173,15 +179,23 @@ class _Pools:
         return pool
 
 
-def _no_plan(sess: Session, pj: PendingJob, outranked: list[Workload]) -> bool:
-    """Whether evict_and_place would find no node to make room on for a gang or a multi-GPU
-    task (so that it fails without evicting or placing anything): on no node the workload may
-    use would what is free plus all the GPUs that ``outranked`` hold there (a superset of its
-    victims) reach its biggest task's GPUs, the room its node plans ask for."""
-    s = pj.specs[task_order(pj.specs)[0]]
+_MAYBE, _NO_NODE, _TOO_FEW_NODES = 0, 1, 2
+
+
+def _plan_room(sess: Session, pj: PendingJob, outranked: list[Workload]) -> int:
+    """Whether evict_and_place could make room for a gang or a multi-GPU task, judged by the
+    GPUs free on each node the workload may use plus all that ``outranked`` (a superset of its
+    victims) hold there. ``_NO_NODE``: no node reaches its biggest task's GPUs, the room its
+    node plans ask for, so evict_and_place would find no plan. ``_TOO_FEW_NODES``: the nodes
+    could not hold as many tasks of that size as the gang needs, so its placement would fail
+    whatever is evicted. Either way it would fail without evicting or placing anything.
+    ``_MAYBE`` otherwise, and always for one task of at most one GPU (one victim anywhere may
+    do)."""
+    order = task_order(pj.specs)
+    s = pj.specs[order[0]]
     need = s.gpu_need
     if need <= 0 or (pj.w.gang_size == 1 and need <= GPU_MILLI):
-        return False  # no node plans: one victim anywhere may do
+        return _MAYBE
     held: dict[int, int] = {}
     index = sess.node_index
     for w in outranked:
@@ -190,7 +204,14 @@ def _no_plan(sess: Session, pj: PendingJob, outranked: list[Workload]) -> bool:
             if ni is not None:
                 held[ni] = held.get(ni, 0) + p.gpu_milli * len(p.devices)
     _, nodes = eligible(sess, pj.w)
-    return all(sess.nodes[ni].free_gpu_milli + held.get(ni, 0) < need for ni in nodes)
+    room = [sess.nodes[ni].free_gpu_milli + held.get(ni, 0) for ni in nodes]
+    if all(r < need for r in room):
+        return _NO_NODE
+    if s.kind is WHOLE:  # each task takes its GPUs on one node: count the tasks of that size
+        tasks = sum(1 for ti in order[: pj.w.gang_size] if pj.specs[ti].gpu_need == need)
+        if sum(r // need for r in room) < tasks:
+            return _TOO_FEW_NODES
+    return _MAYBE
 
 
 def _lower_by_priority(ctx: Context, queue: str, prio: I64, global_pool: bool) -> I64:
