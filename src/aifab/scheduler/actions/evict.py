@@ -198,8 +198,8 @@ Keyed = list[tuple[tuple[object, ...], RunJob]]
 
 class _Victims(dict[str, list[tuple[int, int, Keyed]]]):
     """Evictable running jobs per leaf queue with their victim-order keys, built only for the
-    queues asked about: one list per GPU milli the victims hold, each sorted once, with the
-    least CPU milli of its victims (only read for victims without GPUs)."""
+    queues asked about: one list per GPU milli the victims hold, each sorted once; the list of
+    victims without GPUs comes with their least CPU milli (0 for the others, never read)."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__()
@@ -215,7 +215,7 @@ class _Victims(dict[str, list[tuple[int, int, Keyed]]]):
         for size in sorted(by_size):
             lst = by_size[size]
             lst.sort(key=by_key)
-            out.append((size, min(j.vec[1] for _, j in lst), lst))
+            out.append((size, min(j.vec[1] for _, j in lst) if size <= 0 else 0, lst))
         self[name] = out
         return out
 
