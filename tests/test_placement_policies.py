@@ -23,6 +23,7 @@ from aifab.scheduler.placement import (
     get_policy,
 )
 from aifab.scheduler.placement.aifab import AifabPolicy
+from aifab.scheduler.placement.api import task_shape
 from aifab.scheduler.placement.fragmentation import gap_waste_table
 
 MODELS = ("T4", "G2", "P100")
@@ -252,3 +253,74 @@ def test_kept_view_chooses_like_a_fresh_candidate_list(
             return
         states[n].allocate(devices, milli, mem, task.cpu_milli, task.memory_mib)
         view.sync(states, [n])
+
+
+class _ScoringEveryNode(AifabPolicy):
+    boards = False
+
+
+_BOARD_TASKS = [
+    TaskRequest(GpuRequest.fraction(f), cpu_milli=c, memory_mib=1024)
+    for f in (0.25, 0.5)
+    for c in (2000, 8000)
+] + [TaskRequest(GpuRequest.whole(k), cpu_milli=4000 * k, memory_mib=4096) for k in (1, 2, 4, 8)]
+
+
+@st.composite
+def _board_nodes(draw: st.DrawFn) -> list[NodeState]:
+    """Up to 14 nodes of 4 or 8 GPUs, many alike (so that scores tie), partly used."""
+    patterns = [[1000] * 8, [0] * 4 + [1000] * 4, [500, 250] + [1000] * 6, [750] * 8, [0] * 7 + [500]]
+    out = []
+    for i in range(draw(st.integers(1, 14))):
+        free = list(draw(st.sampled_from(patterns)))
+        gpus = draw(st.sampled_from([8, 8, 4]))
+        node = uniform_node(f"n{i}", gpus, gpu_model="A100", cpu_milli=64000, memory_mib=1 << 18)
+        s = NodeState(node, i)
+        s.gpu_free_milli = free[:gpus]
+        s.gpu_free_memory = [
+            g.memory_mib * m // GPU_MILLI for g, m in zip(node.gpus, s.gpu_free_milli, strict=True)
+        ]
+        s.free_cpu = draw(st.sampled_from([64000, 32000, 8000]))
+        out.append(s)
+    return out
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(states=_board_nodes(), data=st.data())
+def test_aifab_board_chooses_exactly_as_scoring_every_node(
+    states: list[NodeState], data: st.DataObject
+) -> None:
+    """aifab's boards (placement.board) must give the very node and score that scoring every
+    feasible node gives, step after step while nodes fill up and empty again, with ties, lost
+    shapes and masks that leave nodes out (the board then hands over to scoring)."""
+    boards, every = AifabPolicy(), _ScoringEveryNode()
+    views = {id(p): ClusterView.from_states(states) for p in (boards, every)}
+    groups = device_memory_groups(states)
+    placed: list[tuple[int, tuple[int, ...], int, int, TaskRequest]] = []
+    ctx = PlacementContext()
+    for _ in range(data.draw(st.integers(1, 30))):
+        if placed and data.draw(st.integers(0, 3)) == 0:  # a task ends: its node goes back a state
+            n, devices, milli, mem, task = placed.pop(data.draw(st.integers(0, len(placed) - 1)))
+            states[n].release(devices, milli, mem, task.cpu_milli, task.memory_mib)
+            for view in views.values():
+                view.sync(states, [n])
+            continue
+        task = data.draw(st.sampled_from(_BOARD_TASKS))
+        allowed = np.ones(len(states), dtype=np.bool_)
+        if data.draw(st.integers(0, 4)) == 0:
+            allowed[data.draw(st.integers(0, len(states) - 1))] = False
+        pod = task_shape(task, groups[0][0], frozenset())
+        got = []
+        for policy in (boards, every):
+            view = views[id(policy)]
+            got.append(policy.best_in_mask(view, pod, view.feasible(pod), allowed, ctx))
+        assert got[0] == got[1]
+        chosen = [p.choose_in_view(task, views[id(p)], allowed, groups, ctx) for p in (boards, every)]
+        assert chosen[0] == chosen[1]
+        if chosen[0] is None:
+            continue
+        n, devices, milli, mem = chosen[0]
+        states[n].allocate(devices, milli, mem, task.cpu_milli, task.memory_mib)
+        placed.append((n, devices, milli, mem, task))
+        for view in views.values():
+            view.sync(states, [n])

@@ -8,7 +8,9 @@ cycle must decide exactly the same.
   evicted (``preempt._plan_room``'s ``_TOO_FEW_NODES``), without trying to evict and place it;
 * allocate refuses a whole job list in one step when one check refuses each of its jobs (no
   room for the smallest, or the static quota: ``search.refuses_all``), short lists included,
-  with the reasons worded lazily.
+  with the reasons worded lazily;
+* aifab's placement chooses through boards (``placement.board``) that look only at the best
+  groups of nodes, instead of scoring every feasible node.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from aifab.core import ClusterSnapshot, GpuRequest, QueueTree, TaskRequest, Work
 from aifab.scheduler import Fairness, SchedulerConfig, run_cycle, search
 from aifab.scheduler import placer as placer_module
 from aifab.scheduler.actions import evict as evict_module
+from aifab.scheduler.placement.aifab import AifabPolicy
 
 from .helpers import Placer, running
 from .test_invariants import CONFIGS, contended, snapshots
@@ -76,6 +79,7 @@ def _same_with_and_without(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
         mp.setattr(search, "static_refuses_all", lambda ctx, lj: False)
         mp.setattr(search, "refuses_all", lambda ctx, lj: False)
         mp.setattr(preempt_module, "_plan_room", _plan_room_without_counting)
+        mp.setattr(AifabPolicy, "boards", False)
         unchecked = run_cycle(snap, cfg)
     assert checked == unchecked
 

@@ -21,9 +21,10 @@ rebuild what it holds from the snapshot, exactly as a cycle without it would.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from itertools import compress, count, repeat
-from operator import is_, is_not
+from operator import attrgetter, is_, is_not
 
 from aifab.core.nodes import Node, NodeState
 from aifab.core.queues import QueueTree
@@ -39,6 +40,7 @@ from aifab.scheduler.session import ViewSlot, node_summary
 from aifab.scheduler.static import NodeFacts, TreeInfo
 
 RUNNING = WorkloadPhase.RUNNING
+_ID = attrgetter("id")
 FAIR_KEPT = 4
 FairShares = tuple[dict[str, tuple[int, int, int]], dict[str, tuple[int, int, int]]]
 
@@ -110,6 +112,67 @@ class RunningBase:
             self.running[id(w)] = w
         else:
             del self.running[id(w)]
+
+    def charge_all(self, ws: Iterable[Workload]) -> None:
+        """:meth:`apply` with sign 1 for each running workload of ``ws``, in one pass: a memo
+        that starts from scratch charges every running workload of the snapshot."""
+        states, index, summaries = self.states, self.index, self._summaries
+        by_queue: dict[tuple[str, bool], list[int]] = {}
+        pre = self.preemptible_gpu
+        running = self.running
+        n = 0
+        for w in ws:
+            if w.phase is not RUNNING:
+                continue
+            g = c = m = 0
+            tasks = w.tasks
+            for p in w.placements:
+                task = tasks[p.task_index]
+                milli = p.gpu_milli
+                g += milli * len(p.devices)
+                c += task.cpu_milli
+                m += task.memory_mib
+                ni = index.get(p.node)
+                if ni is None:
+                    continue  # the node left the cluster; the usage still counts for quota
+                summaries[ni] = None
+                ns = states[ni]
+                ns.free_cpu -= task.cpu_milli
+                ns.free_memory -= task.memory_mib
+                gmem = p.gpu_memory_mib
+                for d in p.devices:
+                    ns.gpu_free_milli[d] -= milli
+                    ns.gpu_free_memory[d] -= gmem
+            total = by_queue.get((w.queue, w.preemptible))
+            if total is None:
+                by_queue[(w.queue, w.preemptible)] = [g, c, m]
+            else:
+                total[0] += g
+                total[1] += c
+                total[2] += m
+            if w.preemptible:
+                by_prio = pre.get(w.queue)
+                if by_prio is None:
+                    by_prio = pre[w.queue] = {}
+                by_prio[w.priority] = by_prio.get(w.priority, 0) + g
+            running[id(w)] = w
+            n += 1
+        self.count += n
+        # Queue sums are added per queue, not per workload (integers: the same totals).
+        for (queue, preemptible), (g, c, m) in by_queue.items():
+            info = self.tinfo.by_name.get(queue)
+            if info is None:
+                continue
+            for q in (queue, *info.ancestors):
+                a = self.alloc[q]
+                a[0] += g
+                a[1] += c
+                a[2] += m
+            if not preemptible:
+                u = self.np_alloc[queue]
+                u[0] += g
+                u[1] += c
+                u[2] += m
 
     def swap(self, a: Workload, b: Workload) -> None:
         """``b`` replaces ``a``, which it charges exactly like (see _same_usage)."""
@@ -258,8 +321,13 @@ class CycleMemo:
             self._columns = (tree, {})
         return self._columns[1]
 
-    def _count_ids(self, ws: Iterable[Workload], sign: int) -> None:
+    def _count_ids(self, ws: Sequence[Workload], sign: int) -> None:
         ids = self.ids
+        if not ids and sign > 0:  # from scratch (every workload is new): count in C
+            ids.update(Counter(map(_ID, ws)))
+            if len(ids) < len(ws):
+                self.duplicates = sum(1 for n in ids.values() if n > 1)
+            return
         for w in ws:
             n = ids.get(w.id, 0)
             if sign > 0:
@@ -357,9 +425,7 @@ class CycleMemo:
         rebuilt = base is None or not base.matches(snapshot.nodes, snapshot.queues)
         if base is None or rebuilt:
             base = self.running = RunningBase(snapshot.nodes, snapshot.queues, facts, tinfo)
-            for w in ws:
-                if w.phase is RUNNING:
-                    base.apply(w, 1)
+            base.charge_all(ws)
         else:
             for w in gone:
                 if w.phase is RUNNING:

@@ -23,7 +23,9 @@ from __future__ import annotations
 import weakref
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
-from itertools import pairwise
+from itertools import compress, count, pairwise, repeat
+from operator import attrgetter, is_not
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,14 +42,14 @@ _SPEC_CACHE_MAX = 4096
 # The infos of recently seen pending workloads by (identity, job order, memory hint), each entry
 # holding its workload: a caller without a memo that passes the same objects again (a
 # benchmark, a control plane that keeps its objects) gets them back.
-_KNOWN: dict[tuple[int, str, int], JobInfo] = {}
-_KNOWN_MAX = 200_000
+_KNOWN: dict[tuple[str, int], dict[int, JobInfo]] = {}
+_KNOWN_MAX = 200_000  # infos kept per (job order, memory hint)
 
 
 class JobInfo:
     """What a pending workload flattens to; immutable once made."""
 
-    __slots__ = ("biggest", "col", "key", "nan", "req", "shape", "specs", "w")
+    __slots__ = ("biggest", "col", "key", "nan", "req", "rid", "shape", "specs", "w")
 
     def __init__(self, w: Workload, key: tuple[object, ...], cache: SpecCache, hint: int) -> None:
         self.w = w
@@ -67,6 +69,34 @@ class JobInfo:
             tuple(sorted(selector.items())) if selector else (),
             None if topo is None else (topo.level, topo.mode.value),
         )
+        self.rid = _row_id(self.col, self.shape)
+
+
+# (col, shape) -> a number that no other (col, shape) ever gets, so that building a job list
+# looks at one info per distinct row instead of every info. Numbers are never reused: when
+# the table is cleared (to bound it), a row seen again just gets a new one.
+_ROW_IDS: dict[tuple[object, object], int] = {}
+_ROW_IDS_MAX = 65_536
+_next_row_id = count()
+
+
+def _row_id(col: tuple[int, ...], shape: object) -> int:
+    key = (col, shape)
+    got = _ROW_IDS.get(key)
+    if got is None:
+        if len(_ROW_IDS) >= _ROW_IDS_MAX:
+            _ROW_IDS.clear()
+        got = _ROW_IDS[key] = next(_next_row_id)
+    return got
+
+
+class _Missing:
+    """Stands for an info not known yet: its ``w`` is no workload."""
+
+    w = None
+
+
+_MISSING: Any = _Missing()
 
 
 def _static(
@@ -107,6 +137,7 @@ _G, _C, _M, _BIG, _PRIO, _SID, _NPRE = range(7)  # rows of Group.data
 
 
 _OWN_ROWS = [_G, _C, _M, _BIG, _PRIO, _NPRE]  # JobInfo.col's, in its order
+_RID, _KEY, _NAN, _W, _QUEUE = (attrgetter(a) for a in ("rid", "key", "nan", "w", "w.queue"))
 
 
 def _column(info: JobInfo, sid: int) -> tuple[int, int, int, int, int, int, int]:
@@ -153,11 +184,18 @@ class Group:
         # Position in the global job order, only when keys may tie (the stable-sort fallback).
         self.ranks = ranks
         self.reader: weakref.ref[object] | None = None
-        data = np.zeros((7, len(infos)), dtype=np.int64)
+        n = len(infos)
+        data = np.zeros((7, n), dtype=np.int64)
         if infos:
-            data[_OWN_ROWS] = np.asarray([i.col for i in infos], dtype=np.int64).T
-            data[_SID] = [sid_of(i.shape) for i in infos]
-        self._set(infos, [i.key for i in infos], data)
+            # Few distinct rows among many infos: each distinct row is converted once.
+            rids = np.fromiter(map(_RID, infos), dtype=np.int64, count=n)
+            _, first, which = np.unique(rids, return_index=True, return_inverse=True)
+            reps = [infos[k] for k in first.tolist()]
+            own = np.asarray([i.col for i in reps], dtype=np.int64).reshape(-1, 6)
+            sids = np.asarray([sid_of(i.shape) for i in reps], dtype=np.int64)
+            data[_OWN_ROWS] = own[which].T
+            data[_SID] = sids[which]
+        self._set(infos, list(map(_KEY, infos)), data)
 
     def _set(self, infos: list[JobInfo], keys: list[tuple[object, ...]], data: I64) -> None:
         self.infos = infos
@@ -300,14 +338,19 @@ class PendingIndex:
             return None
         return w.queue if self.grouped else ""
 
-    def info(self, w: Workload) -> JobInfo:
-        k = (id(w), self.job_order, self.hint)
-        got = _KNOWN.get(k)
+    def _known(self) -> dict[int, JobInfo]:
+        known = _KNOWN.get((self.job_order, self.hint))
+        if known is None:
+            known = _KNOWN[(self.job_order, self.hint)] = {}
+        return known
+
+    def _info(self, w: Workload, known: dict[int, JobInfo]) -> JobInfo:
+        got = known.get(id(w))
         if got is not None and got.w is w:
             return got
-        if len(_KNOWN) >= _KNOWN_MAX:
-            _KNOWN.clear()
-        info = _KNOWN[k] = JobInfo(w, self.jkey(w), self.spec_cache, self.hint)
+        if len(known) >= _KNOWN_MAX:
+            known.clear()
+        info = known[id(w)] = JobInfo(w, self.jkey(w), self.spec_cache, self.hint)
         return info
 
     def _sum(self, info: JobInfo, sign: int) -> None:
@@ -320,37 +363,45 @@ class PendingIndex:
 
     def build(self, pending: Iterable[Workload]) -> None:
         """From scratch: the original stable sort of every pending workload by job-order key."""
-        old = self.infos
-        infos: dict[int, JobInfo] = {}
-        listed: list[JobInfo] = []
-        for w in pending:
+        old, known = self.infos, self._known()
+        ws = list(pending)
+        ids = list(map(id, ws))
+        # Map-based passes: this runs over every pending workload of a cycle without a memo.
+        listed: list[JobInfo] = list(map(known.get, ids, repeat(_MISSING)))
+        for k in list(compress(count(), map(is_not, map(_W, listed), ws))):
+            w = ws[k]
             got = old.get(id(w))
-            info = got if got is not None and got.w is w else self.info(w)
-            infos[id(w)] = info
-            listed.append(info)
-        self.infos = infos
-        listed.sort(key=lambda i: i.key)  # stable: ties keep snapshot order, as the original
-        keys = [i.key for i in listed]
-        self.exact = len(infos) == len(listed) and not any(i.nan for i in listed)
+            listed[k] = got if got is not None and got.w is w else self._info(w, known)
+        infos = self.infos = dict(zip(ids, listed, strict=True))
+        listed.sort(key=_KEY)  # stable: ties keep snapshot order, as the original
+        keys = list(map(_KEY, listed))
+        self.exact = len(infos) == len(listed) and not any(map(_NAN, listed))
         if self.exact:
             self.exact = all(a < b for a, b in pairwise(keys))
         members: dict[str | None, list[JobInfo]] = {}
-        ranks: dict[str | None, list[int]] = {}
-        self.sums = {}
-        for r, info in enumerate(listed):
-            g = self.group_of(info.w)
-            members.setdefault(g, []).append(info)
-            ranks.setdefault(g, []).append(r)
-            self._sum(info, 1)
-        keep_ranks = not self.exact
+        leaves, grouped = self.leaves, self.grouped
+        for info, q in zip(listed, map(_QUEUE, listed), strict=True):
+            g = (q if grouped else "") if q in leaves else None
+            got_list = members.get(g)
+            if got_list is None:
+                members[g] = [info]
+            else:
+                got_list.append(info)
+        ranks = self._ranks(listed) if not self.exact else {}
         self.groups = {
-            g: Group(g, lst, self.sid, ranks[g] if keep_ranks else None)
-            for g, lst in members.items()
-            if g is not None
+            g: Group(g, lst, self.sid, ranks.get(g)) for g, lst in members.items() if g is not None
         }
-        self.orphans = Group("", members.get(None, []), self.sid, ranks.get(None) if keep_ranks else None)
+        self.orphans = Group("", members.get(None, []), self.sid, ranks.get(None) if ranks else None)
+        self.sums = {}
+        if grouped:
+            # A leaf's job list holds exactly its pending workloads: sum its request rows.
+            for g, grp in self.groups.items():
+                self.sums[g] = [int(v) for v in grp.data[:3].sum(axis=1)]
+        else:
+            for info in members.get("", ()):
+                self._sum(info, 1)
         self.global_order = None
-        if keep_ranks:
+        if not self.exact:
             pos: dict[str | None, int] = {}
             order: list[tuple[str | None, int]] = []
             for info in listed:
@@ -359,6 +410,13 @@ class PendingIndex:
                 pos[g] = k + 1
                 order.append((g, k))
             self.global_order = order
+
+    def _ranks(self, listed: list[JobInfo]) -> dict[str | None, list[int]]:
+        """Each job list's positions in the global job order (kept only when keys may tie)."""
+        ranks: dict[str | None, list[int]] = {}
+        for r, info in enumerate(listed):
+            ranks.setdefault(self.group_of(info.w), []).append(r)
+        return ranks
 
     def update(self, removed: Iterable[JobInfo], added: Iterable[Workload]) -> bool:
         """Apply a change of the pending set; False if that cannot be done exactly (rebuild)."""
@@ -375,8 +433,9 @@ class PendingIndex:
             del self.infos[id(info.w)]
             self._sum(info, -1)
         add: dict[str | None, list[JobInfo]] = {}
+        known = self._known()
         for w in added:
-            info = self.info(w)
+            info = self._info(w, known)
             if info.nan:
                 return False
             self.infos[id(w)] = info

@@ -31,6 +31,13 @@ Measured on the FGD paper's packing experiment (bench/packing.py), in order of w
 * Inside a node, a shared task takes the device with the best change, then the tightest fit.
 * Remaining ties go to the node with the least CPU and GPU left (best fit); FGD breaks them by
   an arbitrary node order, and worst-fit tie-breaking is disastrous (-6 points).
+
+The scheduler scores a task against its own shape; there a node's score depends on the node
+alone except for the reserve, which is one cost for every node that would lose the shape. So
+its choices go through a :class:`~aifab.scheduler.placement.board.Board` per shape, which keeps
+the nodes grouped by score and looks at the best groups only, instead of scoring every
+feasible node (a dozen array operations over thousands of nodes) for every task. It chooses
+exactly the node and score that scoring every node gives (tests compare the two).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from typing import Any
 import numpy as np
 
 from aifab.scheduler.placement.api import PlacementContext
+from aifab.scheduler.placement.board import Board
 from aifab.scheduler.placement.fgd import FgdPolicy, own_target
 from aifab.scheduler.placement.fragmentation import TargetWorkload, fill_fragmentation, gap_waste_table
 from aifab.scheduler.placement.view import BoolArray, ClusterView, FloatArray, IntArray, PodShape
@@ -144,6 +152,99 @@ def _per_node_cache(
     return entry[1], entry[2]
 
 
+def _lost_rows(
+    view: ClusterView,
+    pod: PodShape,
+    rows: IntArray,
+    full: TargetWorkload,
+    device: IntArray,
+    hosts: BoolArray,
+    access: BoolArray,
+) -> BoolArray:
+    """Per row: the target shapes it can host now and could not once ``pod`` is placed there
+    (on ``device[row]`` for a shared task, on the lowest free devices for whole GPUs)."""
+    left = view.gpu_left[rows].copy()
+    if pod.shared:
+        left[np.arange(len(rows)), device[rows]] -= pod.milli
+    elif pod.num_gpu:
+        free = left == 1000
+        left = np.where(free & (np.cumsum(free, axis=1) <= pod.num_gpu), 0, left)
+    after = _can_host(
+        view.cpu_left[rows] - pod.cpu,
+        left,
+        view.mem_left[rows] - pod.memory,
+        access[view.model_idx[rows]],
+        full,
+    )
+    out: BoolArray = hosts[rows] & ~after
+    return out
+
+
+def _lost_one(view: ClusterView, pod: PodShape, i: int, device: int, shape: PodShape, access: bool) -> bool:
+    """:func:`_lost_rows` for one row and a one-shape target that the row can host now."""
+    left = view.gpu_left[i].tolist()
+    if pod.shared:
+        left[device] -= pod.milli
+    elif pod.num_gpu:
+        taken = 0
+        for d, m in enumerate(left):
+            if m == 1000 and taken < pod.num_gpu:
+                left[d] = 0
+                taken += 1
+    if (
+        not access
+        or int(view.cpu_left[i]) - pod.cpu < shape.cpu
+        or int(view.mem_left[i]) - pod.memory < shape.memory
+    ):
+        return True
+    return sum(1 for m in left if m >= shape.milli) < shape.num_gpu
+
+
+class _HostTable:
+    """Per node and target shape: could the node host one task of the shape now, with the
+    number of nodes that can per shape; rows are recomputed as the view's log says they change."""
+
+    def __init__(self, full: TargetWorkload, size: int) -> None:
+        self.full = full
+        self.stamp = np.full(size, -1, dtype=np.int64)  # view.version of each row when computed
+        self.mat = np.zeros((size, len(full.shapes)), dtype=np.bool_)
+        self.count = np.zeros(len(full.shapes), dtype=np.int64)
+        self.at = -1  # view.log_end when last refreshed (-1: never; compare versions)
+
+    def refresh(self, view: ClusterView, access: BoolArray) -> None:
+        rows = view.changed_since(self.at)
+        self.at = view.log_end
+        mat, stamp, version = self.mat, self.stamp, view.version
+        if rows is not None and len(rows) <= 16 and len(self.full.shapes) == 1:
+            shape = self.full.shapes[0]  # the usual case, without numpy overhead
+            gained = 0
+            for i in set(rows):
+                if stamp[i] != version[i]:
+                    now = _can_host_one(view, i, shape, bool(access[view.model_idx[i], 0]))
+                    gained += int(now) - int(mat[i, 0])
+                    mat[i, 0] = now
+                    stamp[i] = version[i]
+            if gained:
+                self.count[0] += gained
+            return
+        if rows is None:
+            stale = np.flatnonzero(stamp != version)
+        else:
+            stale = np.unique(np.asarray(rows, dtype=np.int64))
+            stale = stale[stamp[stale] != version[stale]]
+        if len(stale):
+            new = _can_host(
+                view.cpu_left[stale],
+                view.gpu_left[stale],
+                view.mem_left[stale],
+                access[view.model_idx[stale]],
+                self.full,
+            )
+            self.count += new.sum(axis=0) - mat[stale].sum(axis=0)
+            mat[stale] = new
+            stamp[stale] = version[stale]
+
+
 class AifabPolicy(FillFgdPolicy):
     """aifab's default: fill-aware FGD + a penalty for taking away the last nodes able to host
     a scarce task shape (see the module docstring)."""
@@ -152,27 +253,21 @@ class AifabPolicy(FillFgdPolicy):
     gap_weight = GAP_WEIGHT
     reserve_weight = 0.3
     scarcity_power = 1.0
+    boards = True  # choose through a Board where one applies (tests compare with False)
 
     def _full(self, ctx: PlacementContext, pod: PodShape) -> TargetWorkload:
         return ctx.full_target or ctx.target or own_target(pod)
 
     def _hosts(self, view: ClusterView, full: TargetWorkload) -> BoolArray:
+        return self._host_table(view, full).mat
+
+    def _host_table(self, view: ClusterView, full: TargetWorkload) -> _HostTable:
         key = ("hosts", id(full))
-        stamp, mat = _per_node_cache(view, key, full)
-        stale = np.flatnonzero(stamp != view.version)
-        if len(stale) == 1 and len(full.shapes) == 1:  # the usual case, without numpy overhead
-            i = int(stale[0])
-            mat[i, 0] = _can_host_one(
-                view, i, full.shapes[0], bool(self._access(view, full)[view.model_idx[i], 0])
-            )
-            stamp[i] = view.version[i]
-        elif len(stale):
-            acc = self._access(view, full)[view.model_idx[stale]]
-            mat[stale] = _can_host(
-                view.cpu_left[stale], view.gpu_left[stale], view.mem_left[stale], acc, full
-            )
-            stamp[stale] = view.version[stale]
-        out: BoolArray = mat
+        table: Any = view.cache.get(key)
+        if table is None or table.full is not full:
+            table = view.cache[key] = _HostTable(full, view.size)
+        table.refresh(view, self._access(view, full))
+        out: _HostTable = table
         return out
 
     @staticmethod
@@ -204,30 +299,107 @@ class AifabPolicy(FillFgdPolicy):
         stamp, mat = _per_node_cache(view, key, full)
         stale = idx[stamp[idx] != view.version[idx]]
         if len(stale):
-            left = view.gpu_left[stale].copy()
-            if pod.shared:
-                left[np.arange(len(stale)), col.device[stale]] -= pod.milli
-            elif pod.num_gpu:
-                free = left == 1000
-                left = np.where(free & (np.cumsum(free, axis=1) <= pod.num_gpu), 0, left)
-            acc = self._access(view, full)[view.model_idx[stale]]
-            before = hosts[stale]
-            after = _can_host(
-                view.cpu_left[stale] - pod.cpu, left, view.mem_left[stale] - pod.memory, acc, full
-            )
-            mat[stale] = before & ~after
+            mat[stale] = _lost_rows(view, pod, stale, full, col.device, hosts, self._access(view, full))
             stamp[stale] = view.version[stale]
         out: BoolArray = mat[idx]
+        return out
+
+    def _value(self, view: ClusterView, full: TargetWorkload, table: _HostTable) -> FloatArray:
+        """What losing the ability to host each target shape costs, given how many nodes can."""
+        scarcity = (view.size / np.maximum(table.count, 1)) ** self.scarcity_power
+        out: FloatArray = self._shape_value(view, full) * scarcity
         return out
 
     def scores(self, view: ClusterView, pod: PodShape, idx: IntArray, ctx: PlacementContext) -> FloatArray:
         col = self._column(view, pod, idx, ctx)
         full = self._full(ctx, pod)
-        host_matrix = self._hosts(view, full)
-        lost = self._lost(view, pod, idx, full, col, host_matrix)
-        hosts = host_matrix.sum(axis=0)
-        scarcity = (view.size / np.maximum(hosts, 1)) ** self.scarcity_power
-        value = self._shape_value(view, full) * scarcity
-        penalty = lost.astype(np.float64) @ value
+        table = self._host_table(view, full)
+        lost = self._lost(view, pod, idx, full, col, table.mat)
+        penalty = lost.astype(np.float64) @ self._value(view, full, table)
         delta = col.delta[idx] - self.reserve_weight * penalty
         return self.combine(self.quantise(delta), delta, col.extra[idx])
+
+    def best_in_mask(
+        self, view: ClusterView, pod: PodShape, feasible: BoolArray, allowed: BoolArray, ctx: PlacementContext
+    ) -> tuple[int, float] | None:
+        board = self._board(view, pod, ctx) if self.boards else None
+        if board is None or not allowed.all():
+            return super().best_in_mask(view, pod, feasible, allowed, ctx)
+        full = own_target(pod)
+        table = self._host_table(view, full)
+        self._bring_up_to_date(board, view, pod, feasible, ctx, table)
+        if not board.usable:
+            view.cache.pop((self.name, "board", pod), None)
+            return super().best_in_mask(view, pod, feasible, allowed, ctx)
+        # c exactly as scores() works it out: value x 1.0 (a one-shape target) x the weight.
+        value = (
+            self._shape_value(view, full)[0]
+            * (view.size / max(int(table.count[0]), 1)) ** self.scarcity_power
+        )
+        return board.best(self.reserve_weight * float(value))
+
+    def _board(self, view: ClusterView, pod: PodShape, ctx: PlacementContext) -> Board | None:
+        """The board of this shape, where its scores are the ones it assumes: a view whose ties
+        go to the lowest row, no target workload, this class's scoring."""
+        if not (
+            view.rank_is_row and ctx.target is None and ctx.full_target is None and self._board_scoring()
+        ):
+            return None
+        key = (self.name, "board", pod)
+        board: Any = view.cache.get(key)
+        if board is None or board.worn():
+            board = view.cache[key] = Board(view.size)
+        out: Board = board
+        return out
+
+    def _board_scoring(self) -> bool:
+        cls = type(self)
+        return (
+            cls.scores is AifabPolicy.scores
+            and cls.quantise is FillFgdPolicy.quantise
+            and cls.combine is FillFgdPolicy.combine
+            and cls._value is AifabPolicy._value
+        )
+
+    def _bring_up_to_date(
+        self,
+        board: Board,
+        view: ClusterView,
+        pod: PodShape,
+        feasible: BoolArray,
+        ctx: PlacementContext,
+        table: _HostTable,
+    ) -> None:
+        changed = view.changed_since(board.at)
+        board.at = view.log_end
+        if changed is None:
+            rows = np.flatnonzero(feasible)
+            for i in np.flatnonzero(~feasible).tolist():
+                board.drop_row(i)
+        else:
+            seen = set(changed)
+            rows = np.asarray([i for i in seen if feasible[i]], dtype=np.int64)
+            for i in seen:
+                if not feasible[i]:
+                    board.drop_row(i)
+        if not len(rows):
+            return
+        col = self._column(view, pod, rows, ctx)
+        access = self._access(view, table.full)
+        if len(rows) <= 4:
+            shape = table.full.shapes[0]
+            for i in rows.tolist():
+                gone = bool(table.mat[i, 0]) and _lost_one(
+                    view, pod, i, int(col.device[i]), shape, bool(access[view.model_idx[i], 0])
+                )
+                board.set_row(i, float(col.delta[i]), float(col.extra[i]), gone)
+            return
+        lost = _lost_rows(view, pod, rows, table.full, col.device, table.mat, access)
+        for i, d, e, gone in zip(
+            rows.tolist(),
+            col.delta[rows].tolist(),
+            col.extra[rows].tolist(),
+            lost[:, 0].tolist(),
+            strict=True,
+        ):
+            board.set_row(i, d, e, gone)

@@ -105,6 +105,21 @@ class ScoringPolicy:
             return None  # device memory already taken by other tenants: do not oversubscribe
         return PlacementChoice(state.node.name, n, devs, milli, mem)
 
+    def best_in_mask(
+        self, view: ClusterView, pod: PodShape, feasible: BoolArray, allowed: BoolArray, ctx: PlacementContext
+    ) -> tuple[int, float] | None:
+        """(row, score) of the node :meth:`select` picks among the rows both ``feasible`` (the
+        view's mask for ``pod``) and ``allowed``, or None."""
+        idx = np.flatnonzero(feasible & allowed)
+        if len(idx) == 0:
+            return None
+        scores = self.scores(view, pod, idx, ctx)
+        if type(self).select is ScoringPolicy.select:
+            at = self._select_position(view, idx, scores)
+            return int(idx[at]), float(scores[at])
+        n = self.select(view, idx, scores)  # a policy with its own selection rule
+        return n, float(scores[int(np.searchsorted(idx, n))])
+
     def choose_in_view(
         self,
         task: TaskRequest,
@@ -124,19 +139,11 @@ class ScoringPolicy:
         best: tuple[float, int, int, tuple[int, ...], int] | None = None
         for device_mem, members in groups:
             pod = task_shape(task, device_mem, ctx.gpu_models)
-            mask = view.feasible(pod) & allowed
-            if len(groups) > 1:
-                mask &= members
-            idx = np.flatnonzero(mask)
-            if len(idx) == 0:
+            here = allowed & members if len(groups) > 1 else allowed
+            got = self.best_in_mask(view, pod, view.feasible(pod), here, ctx)
+            if got is None:
                 continue
-            scores = self.scores(view, pod, idx, ctx)
-            if type(self).select is ScoringPolicy.select:
-                at = self._select_position(view, idx, scores)
-                n, score = int(idx[at]), float(scores[at])
-            else:  # a policy with its own selection rule
-                n = self.select(view, idx, scores)
-                score = float(scores[int(np.searchsorted(idx, n))])
+            n, score = got
             if best is None or score > best[0] or (score == best[0] and n < best[1]):
                 devs = self.devices(view, pod, n, ctx, ctx.sequence)
                 best = (score, n, pod.milli, devs, device_mem)

@@ -212,16 +212,19 @@ class FgdPolicy(ScoringPolicy):
                 np.zeros(n, dtype=np.float64),
             )
             view.cache[key] = col
-        stale = idx[col.stamp[idx] != view.version[idx]]
-        if len(stale):
+        version = view.version
+        if len(idx) <= 4:  # a few rows (a board's changed nodes): without numpy overhead
+            rows = [i for i in idx.tolist() if col.stamp[i] != version[i]]
+        else:
+            rows = idx[col.stamp[idx] != version[idx]].tolist()
+        if rows:
             # A row's values depend only on what the row holds (as the per-version memo
             # already assumes): rows in a state evaluated before are looked up.
             known = col.known
-            rows = stale.tolist()
             contents = [_content(view, i) for i in rows]
             miss = [k for k, c in enumerate(contents) if c not in known]
             if miss:
-                at = stale[miss] if len(miss) < len(rows) else stale
+                at = np.asarray([rows[k] for k in miss], dtype=np.int64)
                 delta, dev, extra = self._evaluate(view, pod, at, ctx)
                 if len(known) > _KNOWN_MAX:
                     known.clear()
@@ -229,7 +232,7 @@ class FgdPolicy(ScoringPolicy):
                     known[contents[k]] = (d, v, e)
             for i, c in zip(rows, contents, strict=True):
                 col.delta[i], col.device[i], col.extra[i] = known[c]
-            col.stamp[stale] = view.version[stale]
+                col.stamp[i] = version[i]
         result: _Column = col
         return result
 

@@ -93,9 +93,33 @@ class ClusterView:
     version: IntArray
     cache: dict[Hashable, Any] = field(default_factory=dict)
     rank_is_row: bool = False  # rank[i] == i: ties go to the lowest row
+    # Rows in the order they changed (see changed_since); log[0] is change number log_start.
+    log: list[int] = field(default_factory=list)
+    log_start: int = 0
 
     def __post_init__(self) -> None:
         self.rank_is_row = bool(np.array_equal(self.rank, np.arange(len(self.rank))))
+
+    @property
+    def log_end(self) -> int:
+        """The number of the next change: what a cache notes when it is up to date."""
+        return self.log_start + len(self.log)
+
+    def changed_since(self, at: int) -> list[int] | None:
+        """The rows changed since change number ``at`` (repeats possible), or None when the
+        log no longer reaches back that far or ``at`` is -1 (never): the caller then compares
+        versions."""
+        if at < self.log_start or at < 0:
+            return None
+        return self.log[at - self.log_start :]
+
+    def _changed(self, i: int) -> None:
+        self.version[i] += 1
+        log = self.log
+        if len(log) >= 4 * len(self.names) + 1024:  # bound it; older readers compare versions
+            self.log_start += len(log)
+            log.clear()
+        log.append(i)
 
     @property
     def size(self) -> int:
@@ -162,7 +186,7 @@ class ClusterView:
             self.cpu_left[i] = s.free_cpu
             self.mem_left[i] = s.free_memory
             self.gpu_left[i, : len(s.gpu_free_milli)] = s.gpu_free_milli
-            self.version[i] += 1
+            self._changed(i)
 
     def model_mask(self, models: frozenset[str]) -> BoolArray:
         """Nodes whose GPU model the task accepts (all nodes when it accepts any)."""
@@ -181,25 +205,36 @@ class ClusterView:
     def feasible(self, pod: PodShape) -> BoolArray:
         """Nodes where the task fits right now: CPU, memory, model and GPU devices.
 
-        Memoised per shape; only rows whose version changed since are recomputed (a caller
-        that writes the arrays directly must bump ``version`` for the rows it changed)."""
+        Memoised per shape; only rows changed since are recomputed (found in the change log,
+        or by comparing versions when the log no longer reaches back; a caller that writes
+        the arrays directly must do so before anything is memoised)."""
         key = ("feasible", pod)
         entry: Any = self.cache.get(key)
         if entry is None:
-            entry = (np.full(self.size, -1, dtype=np.int64), np.zeros(self.size, dtype=np.bool_))
+            entry = [np.full(self.size, -1, dtype=np.int64), np.zeros(self.size, dtype=np.bool_), -1]
             self.cache[key] = entry
-        stamp, mask = entry
-        stale = np.flatnonzero(stamp != self.version)
+        stamp, at = entry[0], entry[2]
+        mask: BoolArray = entry[1]
+        rows = self.changed_since(at)
+        entry[2] = self.log_end
+        if rows is not None:
+            if len(rows) <= 2:  # the usual case in a scheduler: one node changed since
+                for i in rows:
+                    mask[i] = self._feasible_row(pod, i)
+                    stamp[i] = self.version[i]
+                return mask
+            stale = np.unique(np.asarray(rows, dtype=np.int64))
+        else:
+            stale = np.flatnonzero(stamp != self.version)
         if len(stale) == self.size:
             mask[:] = self._feasible_rows(pod, slice(None))
-        elif len(stale) <= 2:  # the usual case in a scheduler: one node changed since
+        elif len(stale) <= 2:
             for i in stale.tolist():
                 mask[i] = self._feasible_row(pod, i)
         elif len(stale):
             mask[stale] = self._feasible_rows(pod, stale)
         stamp[stale] = self.version[stale]
-        out: BoolArray = mask
-        return out
+        return mask
 
     def _feasible_row(self, pod: PodShape, i: int) -> bool:
         """:meth:`_feasible_rows` for one row, without numpy's per-call overhead."""
@@ -244,7 +279,7 @@ class ClusterView:
             self.gpu_left[n, d] -= pod.milli
         if pod.affinity_tag >= 0:
             self.affinity[n, pod.affinity_tag] += 1
-        self.version[n] += 1
+        self._changed(n)
 
 
 def first_free_devices(row: IntArray, count: int) -> tuple[int, ...]:
