@@ -59,17 +59,16 @@ SECTIONS = [
         "`bench/philly_speedup.py`: the same full replay under this tree and under a baseline git "
         "revision (checked out into a temporary worktree), both at the same time, per policy: the "
         "ratio holds on machines whose speed varies between sessions, and every metric of the two "
-        "must be the same. The baseline here is the last commit before four shortcuts that only "
-        "spare work bound to come to nothing (`tests/scheduler/test_shortcuts.py` switches each off "
-        "and compares whole cycles): a gang whose whole-GPU tasks the free-GPU histogram could not "
-        "hold is turned away before any node is scored (`placer.room_for_whole_gpus`); a job list "
-        "whose every job one check refuses (no room for the smallest, or the static quota) is "
-        "refused in one vectorised step, short lists included (`search.refuses_all`); reclaim "
-        "merges only the victims whose own queue could let them go (`evict._Victims.lists`); "
-        "preempt passes over a gang too few nodes could hold even with every workload it outranks "
-        "evicted (`preempt._plan_room`). The "
-        "previous comparison (baseline `7d4b71f`, the simulator handing each cycle its changes) is "
-        "in the git history of `bench/results/philly_speedup.md`; machines differ between "
+        "must be the same. The baseline here, `fcf8373`, is the last commit before aifab's placement "
+        "chose through boards (`placement/board.py`: per task shape, the nodes grouped by score, so "
+        "that a choice looks at the best groups instead of scoring every feasible node; "
+        "`tests/test_placement_policies.py` compares it with scoring every node, node and score), "
+        "before views logged the rows that changed (caches update those rows instead of comparing "
+        "every node's version), and before allocate's search tested the first jobs of a list one "
+        "by one before its vectorised walk. The philly cluster has 56 nodes, where scoring every "
+        'node is cheap: these changes are for large clusters (section "Scheduler speed"). The '
+        "previous comparisons (baselines `7d4b71f` and `5eb2ad8`) are in the git history of "
+        "`bench/results/philly_speedup.md`; machines differ between "
         "sessions, so the wall seconds of the two comparisons do not compare, their ratios do.",
     ),
     (

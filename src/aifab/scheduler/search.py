@@ -164,21 +164,30 @@ _WINDOW = 64  # jobs next_to_try looks at first
 
 
 _FEW = 32  # jobs not done that next_to_try looks at one by one before its vectorised walk
+# Refusals after which the walk hands over at once: a quota, a limit or the cluster's free GPUs
+# refuse by size, and a list has many jobs of each size (under static quotas, or on a full
+# cluster, runs of them are long); a block or a remembered failure refuses by shape.
+_HAND_OVER = frozenset({_LIMIT, _NON_PREEMPTIBLE, _STATIC, _CAPACITY})
 
 
 def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
     """:func:`next_to_try` over at most :data:`_FEW` jobs not done from ``i``, job by job
     (without numpy's cost per call): the job to try, with the refused ones before it marked
-    done as one segment; -1 if none of them is the one (the vectorised walk then decides)."""
+    done as one segment; -1 if none of them is the one, or as soon as a job is refused by size
+    (:data:`_HAND_OVER`) or left for the borrowing pass (the vectorised walk then decides)."""
     refused: list[int] = []
     codes: list[int] = []
     n, done = lj.n, lj.done
     for _ in range(_FEW):
         code = _refusal_code(ctx, lj, i)
+        if code in _HAND_OVER:
+            return -1
         if code:
             refused.append(i)
             codes.append(code)
-        elif not within or ctx.config.fairness is Fairness.NONE or _within_fair(lj, i):
+        elif within and ctx.config.fairness is not Fairness.NONE and not _within_fair(lj, i):
+            return -1  # left for the borrowing pass, not marked: walking it again would not pay
+        else:
             if refused:
                 checks = _queue_checks(ctx, lj)
                 lj.mark(
