@@ -324,7 +324,7 @@ class CycleMemo:
     def _count_ids(self, ws: Sequence[Workload], sign: int) -> None:
         ids = self.ids
         if not ids and sign > 0:  # from scratch (every workload is new): count in C
-            ids.update(Counter(map(_ID, ws)))
+            ids = self.ids = Counter(map(_ID, ws))
             if len(ids) < len(ws):
                 self.duplicates = sum(1 for n in ids.values() if n > 1)
             return

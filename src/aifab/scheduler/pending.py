@@ -137,7 +137,7 @@ _G, _C, _M, _BIG, _PRIO, _SID, _NPRE = range(7)  # rows of Group.data
 
 
 _OWN_ROWS = [_G, _C, _M, _BIG, _PRIO, _NPRE]  # JobInfo.col's, in its order
-_RID, _KEY, _NAN, _W, _QUEUE = (attrgetter(a) for a in ("rid", "key", "nan", "w", "w.queue"))
+_RID, _KEY, _NAN, _W = (attrgetter(a) for a in ("rid", "key", "nan", "w"))
 
 
 def _column(info: JobInfo, sid: int) -> tuple[int, int, int, int, int, int, int]:
@@ -178,8 +178,16 @@ class Group:
     )
 
     def __init__(
-        self, name: str, infos: list[JobInfo], sid_of: Callable[[object], int], ranks: list[int] | None = None
+        self,
+        name: str,
+        infos: list[JobInfo],
+        sid_of: Callable[[object], int],
+        ranks: list[int] | None = None,
+        keys: list[tuple[object, ...]] | None = None,
+        rids: list[int] | None = None,
     ) -> None:
+        """``keys`` and ``rids``, when given, are the infos' keys and row ids (a caller that
+        has them spares a pass over many objects)."""
         self.name = name
         # Position in the global job order, only when keys may tie (the stable-sort fallback).
         self.ranks = ranks
@@ -188,14 +196,14 @@ class Group:
         data = np.zeros((7, n), dtype=np.int64)
         if infos:
             # Few distinct rows among many infos: each distinct row is converted once.
-            rids = np.fromiter(map(_RID, infos), dtype=np.int64, count=n)
-            _, first, which = np.unique(rids, return_index=True, return_inverse=True)
+            row_ids = np.fromiter(map(_RID, infos) if rids is None else rids, dtype=np.int64, count=n)
+            _, first, which = np.unique(row_ids, return_index=True, return_inverse=True)
             reps = [infos[k] for k in first.tolist()]
             own = np.asarray([i.col for i in reps], dtype=np.int64).reshape(-1, 6)
             sids = np.asarray([sid_of(i.shape) for i in reps], dtype=np.int64)
             data[_OWN_ROWS] = own[which].T
             data[_SID] = sids[which]
-        self._set(infos, list(map(_KEY, infos)), data)
+        self._set(infos, list(map(_KEY, infos)) if keys is None else keys, data)
 
     def _set(self, infos: list[JobInfo], keys: list[tuple[object, ...]], data: I64) -> None:
         self.infos = infos
@@ -378,27 +386,34 @@ class PendingIndex:
         self.exact = len(infos) == len(listed) and not any(map(_NAN, listed))
         if self.exact:
             self.exact = all(a < b for a, b in pairwise(keys))
-        members: dict[str | None, list[JobInfo]] = {}
+        # Each list's infos, keys and row ids in one pass (each info is read once).
+        members: dict[str | None, tuple[list[JobInfo], list[tuple[object, ...]], list[int]]] = {}
         leaves, grouped = self.leaves, self.grouped
-        for info, q in zip(listed, map(_QUEUE, listed), strict=True):
+        for info, key in zip(listed, keys, strict=True):
+            q = info.w.queue
             g = (q if grouped else "") if q in leaves else None
-            got_list = members.get(g)
-            if got_list is None:
-                members[g] = [info]
+            lists = members.get(g)
+            if lists is None:
+                members[g] = ([info], [key], [info.rid])
             else:
-                got_list.append(info)
+                lists[0].append(info)
+                lists[1].append(key)
+                lists[2].append(info.rid)
         ranks = self._ranks(listed) if not self.exact else {}
         self.groups = {
-            g: Group(g, lst, self.sid, ranks.get(g)) for g, lst in members.items() if g is not None
+            g: Group(g, lst, self.sid, ranks.get(g), lk, lr)
+            for g, (lst, lk, lr) in members.items()
+            if g is not None
         }
-        self.orphans = Group("", members.get(None, []), self.sid, ranks.get(None) if ranks else None)
+        lst, lk, lr = members.get(None, ([], [], []))
+        self.orphans = Group("", lst, self.sid, ranks.get(None) if ranks else None, lk, lr)
         self.sums = {}
         if grouped:
             # A leaf's job list holds exactly its pending workloads: sum its request rows.
             for g, grp in self.groups.items():
                 self.sums[g] = [int(v) for v in grp.data[:3].sum(axis=1)]
         else:
-            for info in members.get("", ()):
+            for info in members.get("", ((),))[0]:
                 self._sum(info, 1)
         self.global_order = None
         if not self.exact:
