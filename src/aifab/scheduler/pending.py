@@ -285,21 +285,47 @@ class Group:
         # columns in order around the added ones, written where their infos now are.
         old = self.data
         data = np.empty((old.shape[0], len(keys)), dtype=np.int64)
-        into: slice | BoolArr = slice(None)
         if added:
             data[:, at] = np.asarray([_column(a, sid_of(a.shape)) for a in added], dtype=np.int64).T
-            free = np.ones(len(keys), dtype=np.bool_)
-            free[at] = False
-            into = free
-        if removed:
-            kept = np.ones(old.shape[1], dtype=np.bool_)
-            kept[list(removed)] = False
-            data[:, into] = old[:, kept]
-        else:
-            data[:, into] = old
+        # A few slice copies (the runs between changes), not a mask over the whole list.
+        _copy_kept(old, _runs(removed, old.shape[1]), data, _runs(at, len(keys)))
         self.ranks = None
         self._set(infos, keys, data)
         return self
+
+
+def _runs(cut: Sequence[int], total: int) -> list[tuple[int, int]]:
+    """The [start, end) runs of ``range(total)`` between the sorted positions ``cut``."""
+    out = []
+    prev = 0
+    for p in cut:
+        if p > prev:
+            out.append((prev, p))
+        prev = p + 1
+    if total > prev:
+        out.append((prev, total))
+    return out
+
+
+def _copy_kept(old: I64, src: list[tuple[int, int]], data: I64, dst: list[tuple[int, int]]) -> None:
+    """Copy the columns of ``old`` in runs ``src``, in order, into the columns of ``data`` in
+    runs ``dst`` (both cover the same number of columns)."""
+    si = di = 0
+    s_at, s_end = src[0] if src else (0, 0)
+    d_at, d_end = dst[0] if dst else (0, 0)
+    while si < len(src) and di < len(dst):
+        n = min(s_end - s_at, d_end - d_at)
+        data[:, d_at : d_at + n] = old[:, s_at : s_at + n]
+        s_at += n
+        d_at += n
+        if s_at == s_end:
+            si += 1
+            if si < len(src):
+                s_at, s_end = src[si]
+        if d_at == d_end:
+            di += 1
+            if di < len(dst):
+                d_at, d_end = dst[di]
 
 
 class PendingIndex:
