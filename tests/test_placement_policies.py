@@ -324,3 +324,31 @@ def test_aifab_board_chooses_exactly_as_scoring_every_node(
         placed.append((n, devices, milli, mem, task))
         for view in views.values():
             view.sync(states, [n])
+
+
+def test_an_unusable_board_hands_over_to_scoring_every_node(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A value the board's order cannot take (NaN, a positive tie-break key) makes it step
+    aside for good on that view: the choice is then scoring every node's."""
+    from aifab.scheduler.placement import board as board_module
+
+    def unusable(self: board_module.Board, row: int, delta: float, extra: float, lost: bool) -> None:
+        self.usable = False
+
+    monkeypatch.setattr(board_module.Board, "set_row", unusable)
+    states = [NodeState(uniform_node(f"n{i}", 8, gpu_model="A100"), i) for i in range(3)]
+    states[1].allocate((0, 1), 1000, 0, 0, 0)
+    task = TaskRequest(GpuRequest.fraction(0.5), cpu_milli=1000, memory_mib=1024)
+    ctx = PlacementContext()
+    for policy in (AifabPolicy(), _ScoringEveryNode()):
+        view = ClusterView.from_states(states)
+        pod = task_shape(task, device_memory_groups(states)[0][0], frozenset())
+        allowed = np.ones(3, dtype=np.bool_)
+        first = policy.best_in_mask(view, pod, view.feasible(pod), allowed, ctx)
+        again = policy.best_in_mask(view, pod, view.feasible(pod), allowed, ctx)
+        assert (
+            first
+            == again
+            == _ScoringEveryNode().best_in_mask(
+                ClusterView.from_states(states), pod, view.feasible(pod), allowed, ctx
+            )
+        )

@@ -323,13 +323,12 @@ class AifabPolicy(FillFgdPolicy):
         self, view: ClusterView, pod: PodShape, feasible: BoolArray, allowed: BoolArray, ctx: PlacementContext
     ) -> tuple[int, float] | None:
         board = self._board(view, pod, ctx) if self.boards else None
-        if board is None or not allowed.all():
+        if board is None or not board.usable or not allowed.all():
             return super().best_in_mask(view, pod, feasible, allowed, ctx)
         full = own_target(pod)
         table = self._host_table(view, full)
         self._bring_up_to_date(board, view, pod, feasible, ctx, table)
-        if not board.usable:
-            view.cache.pop((self.name, "board", pod), None)
+        if not board.usable:  # kept so: this shape is scored node by node on this view
             return super().best_in_mask(view, pod, feasible, allowed, ctx)
         # c exactly as scores() works it out: value x 1.0 (a one-shape target) x the weight.
         value = (
