@@ -243,6 +243,16 @@ class LeafJobs:
         self.done_np[idx] = 1
         self.code_np[idx] = codes
 
+    def mark_rest(self, lo: int, code: int, segment: Segment) -> None:
+        """Jobs ``lo:`` (none of them done) are done, with ``code`` and their reasons worded
+        by ``segment``: :meth:`mark` with slices, for a whole list refused at once."""
+        if self.seg is None:
+            self.seg = np.full(self.n, -1, dtype=np.int32)
+        self.seg[lo:] = len(self.segments)
+        self.segments.append(segment)
+        self.done_np[lo:] = 1
+        self.code_np[lo:] = code
+
     def token(self, i: int) -> object:
         """Sorts like the job's place in the global job order (across lists)."""
         ranks = self.group.ranks

@@ -123,14 +123,18 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
     i = lj.done.find(0, i)  # done jobs are passed over
     if i < 0:
         return n
-    got = _walk_a_few(ctx, lj, i, within)
-    if got >= 0:
-        return got  # the usual case: the job to try is among the first few not done
+    checks = _queue_checks(ctx, lj)
+    every = _refusal_of_all(ctx, lj, checks)
+    if every and lj.done.find(1, i) < 0:  # all refused, none done yet: one slice
+        lj.mark_rest(i, every, _refused(ctx, lj, checks))
+        return n
+    if not every:
+        got = _walk_a_few(ctx, lj, i, within)
+        if got >= 0:
+            return got  # the usual case: the job to try is among the first few not done
     fairness = ctx.config.fairness
     leaf = lj.leaf
-    checks = _queue_checks(ctx, lj)
     todo = lj.done_np[i:] == 0
-    every = _refusal_of_all(ctx, lj, checks)
     if every:
         refused = np.flatnonzero(todo)
         codes = np.full(refused.size, every, dtype=np.uint8)
