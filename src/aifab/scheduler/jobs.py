@@ -117,18 +117,26 @@ def freeze(qs: QueueState) -> QueueState:
     def one(q: QueueState) -> QueueState:
         got = copies.get(id(q))
         if got is None:
-            got = copies[id(q)] = QueueState.__new__(QueueState)
-            for attr in ("queue", "name", "is_leaf", "priority", "deserved", "limit", "fair"):
-                setattr(got, attr, getattr(q, attr))
-            got.allocated = list(q.allocated)
-            got.np_allocated = list(q.np_allocated)
-            got.ancestors = []
-            got.limits = []
+            got = copies[id(q)] = _copy(q)
         return got
 
+    if not qs.limits:  # the usual case: one copy
+        return _copy(qs)
     out = one(qs)
     out.limits = [(one(q), k, lim) for q, k, lim in qs.limits]
     return out
+
+
+def _copy(q: QueueState) -> QueueState:
+    """The queue's own state, without its ancestors and limits."""
+    got = QueueState.__new__(QueueState)
+    got.queue, got.name, got.is_leaf, got.priority = q.queue, q.name, q.is_leaf, q.priority
+    got.deserved, got.limit, got.fair = q.deserved, q.limit, q.fair
+    got.allocated = list(q.allocated)
+    got.np_allocated = list(q.np_allocated)
+    got.ancestors = []
+    got.limits = []
+    return got
 
 
 class PendingJob:
