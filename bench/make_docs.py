@@ -65,9 +65,11 @@ SECTIONS = [
         "`tests/test_placement_policies.py` compares it with scoring every node, node and score), "
         "before views logged the rows that changed (caches update those rows instead of comparing "
         "every node's version), before allocate's search tested the first jobs of a list one "
-        "by one before its vectorised walk, and before a job list changed in place copied its "
+        "by one before its vectorised walk, before a job list changed in place copied its "
         "columns in runs between the changes rather than through masks over the whole list (the "
-        "FIFO lists are long). The philly cluster has 56 nodes, where scoring every node is cheap: "
+        "FIFO lists are long), and before a list that one check refuses whole (static quotas) was "
+        "marked in slices with its queue's state copied field by field. The philly cluster has 56 "
+        "nodes, where scoring every node is cheap: "
         'the boards are for large clusters (section "Scheduler speed"). The '
         "previous comparisons (baselines `7d4b71f` and `5eb2ad8`) are in the git history of "
         "`bench/results/philly_speedup.md`; machines differ between "
