@@ -135,9 +135,16 @@ def _can_host(
 
 def _can_host_one(view: ClusterView, i: int, shape: PodShape, access: bool) -> bool:
     """:func:`_can_host` for one node and one shape."""
-    if not access or view.cpu_left[i] < shape.cpu or view.mem_left[i] < shape.memory:
+    return _state_hosts(
+        int(view.cpu_left[i]), int(view.mem_left[i]), view.gpu_left[i].tolist(), shape, access
+    )
+
+
+def _state_hosts(cpu: int, mem: int, left: list[int], shape: PodShape, access: bool) -> bool:
+    """Whether a node state (free CPU, memory, milli-GPU per device) can host one ``shape``."""
+    if not access or cpu < shape.cpu or mem < shape.memory:
         return False
-    return sum(1 for m in view.gpu_left[i].tolist() if m >= shape.milli) >= shape.num_gpu
+    return sum(1 for m in left if m >= shape.milli) >= shape.num_gpu
 
 
 def _per_node_cache(
@@ -191,13 +198,8 @@ def _lost_one(view: ClusterView, pod: PodShape, i: int, device: int, shape: PodS
             if m == 1000 and taken < pod.num_gpu:
                 left[d] = 0
                 taken += 1
-    if (
-        not access
-        or int(view.cpu_left[i]) - pod.cpu < shape.cpu
-        or int(view.mem_left[i]) - pod.memory < shape.memory
-    ):
-        return True
-    return sum(1 for m in left if m >= shape.milli) < shape.num_gpu
+    cpu, mem = int(view.cpu_left[i]) - pod.cpu, int(view.mem_left[i]) - pod.memory
+    return not _state_hosts(cpu, mem, left, shape, access)
 
 
 class _HostTable:
