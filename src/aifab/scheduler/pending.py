@@ -39,8 +39,8 @@ I64 = npt.NDArray[np.int64]
 BoolArr = npt.NDArray[np.bool_]
 SpecCache = dict[object, tuple[list[TaskSpec], Vec, object, int]]
 _SPEC_CACHE_MAX = 4096
-# The infos of recently seen pending workloads by (identity, job order, memory hint), each entry
-# holding its workload: a caller without a memo that passes the same objects again (a
+# The infos of recently seen pending workloads by (job order, memory hint), then by identity,
+# each entry holding its workload: a caller without a memo that passes the same objects again (a
 # benchmark, a control plane that keeps its objects) gets them back.
 _KNOWN: dict[tuple[str, int], dict[int, JobInfo]] = {}
 _KNOWN_MAX = 200_000  # infos kept per (job order, memory hint)
