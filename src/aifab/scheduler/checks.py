@@ -79,6 +79,19 @@ def quota_refusal(leaf: QueueState, req: Vec, preemptible: bool, static: bool) -
     return refusal
 
 
+QUICK_CAPACITY = 1  # more GPUs asked for than the cluster has free
+QUICK_BLOCK = 2  # more whole GPUs on one node than the largest free block
+
+
+def quick_failure(gpu: int, free: int, biggest: int, largest_block: int) -> int:
+    """Which O(1) check of :func:`quick_refusal` refuses (0: neither), without its words."""
+    if gpu > free:
+        return QUICK_CAPACITY
+    if biggest > largest_block:
+        return QUICK_BLOCK
+    return 0
+
+
 def quick_refusal(
     gpu: int,
     free: int,
@@ -90,7 +103,8 @@ def quick_refusal(
     """O(1) answers for the common full-cluster case, then the per-shape memo of failures.
 
     ``words`` caches the messages (thousands of jobs share a few: word them once)."""
-    if gpu > free:
+    quick = quick_failure(gpu, free, biggest, largest_block)
+    if quick == QUICK_CAPACITY:
         key = ("capacity", gpu, free)
         got = words.get(key)
         if got is None:
@@ -100,7 +114,7 @@ def quick_refusal(
                 f"needs {gpus(gpu)}; {where} in the cluster",
             )
         return got
-    if biggest > largest_block:
+    if quick == QUICK_BLOCK:
         key = ("block", biggest, largest_block)
         got = words.get(key)
         if got is None:

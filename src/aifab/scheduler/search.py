@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 
 from aifab.core.decisions import ReasonCode
-from aifab.scheduler.checks import quick_refusal, quota_refusal, within_fair
+from aifab.scheduler.checks import QUICK_CAPACITY, quick_failure, quota_refusal, within_fair
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import Context
 from aifab.scheduler.jobs import CODE_ID, I64, U8, Behind, LeafJobs, Refused
@@ -130,7 +130,7 @@ def next_to_try(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
         lj.mark_rest(i, every, _refused(ctx, lj, checks))
         return n
     if not every:
-        got = _walk_a_few(ctx, lj, i, within)
+        got = _walk_a_few(ctx, lj, i, within, checks)
         if got >= 0:
             return got  # the usual case: the job to try is among the first few not done
     fairness = ctx.config.fairness
@@ -175,7 +175,7 @@ _FEW = 32  # jobs not done that next_to_try looks at one by one before its vecto
 _HAND_OVER = frozenset({_LIMIT, _NON_PREEMPTIBLE, _STATIC, _CAPACITY})
 
 
-def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
+def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool, checks: bool) -> int:
     """:func:`next_to_try` over at most :data:`_FEW` jobs not done from ``i``, job by job
     (without numpy's cost per call): the job to try, with the refused ones before it marked
     done as one segment; -1 if none of them is the one, or as soon as a job is refused by size
@@ -184,7 +184,7 @@ def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
     codes: list[int] = []
     n, done, leaf, fairness = lj.n, lj.done, lj.leaf, ctx.config.fairness
     for _ in range(_FEW):
-        code = _refusal_code(ctx, lj, i)
+        code = _refusal_code(ctx, lj, i, checks)
         if code in _HAND_OVER:
             return -1
         if code:
@@ -199,7 +199,6 @@ def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
             return -1  # left for the borrowing pass, not marked: walking it again would not pay
         else:
             if refused:
-                checks = _queue_checks(ctx, lj)
                 lj.mark(
                     np.asarray(refused, dtype=np.int64),
                     np.asarray(codes, dtype=np.uint8),
@@ -212,20 +211,23 @@ def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool) -> int:
     return -1
 
 
-def _refusal_code(ctx: Context, lj: LeafJobs, i: int) -> int:
-    """:func:`refusal_codes` for job ``i`` alone, through try_job's own checks."""
-    sess, fairness, leaf = ctx.sess, ctx.config.fairness, lj.leaf
+def _refusal_code(ctx: Context, lj: LeafJobs, i: int, checks: bool) -> int:
+    """:func:`refusal_codes` for job ``i`` alone, through try_job's own checks (``checks``:
+    :func:`_queue_checks` of the list; without them no queue check can refuse)."""
+    sess = ctx.sess
     info = lj.group.infos[i]
-    refusal = None
-    if fairness is not Fairness.NONE:
-        assert leaf is not None
-        refusal = quota_refusal(leaf, info.req, info.w.preemptible, fairness is Fairness.STATIC)
-    if refusal is None:
-        memo = sess.shape_failures.get(info.shape) if sess.shape_failures else None
-        refusal = quick_refusal(
-            info.req[0], sess.total_free_milli, info.biggest, sess.largest_block, memo, sess.messages
-        )
-    return 0 if refusal is None else CODE_ID[refusal[0]]
+    if checks:
+        assert lj.leaf is not None
+        static = ctx.config.fairness is Fairness.STATIC
+        refusal = quota_refusal(lj.leaf, info.req, info.w.preemptible, static)
+        if refusal is not None:
+            return CODE_ID[refusal[0]]
+    quick = quick_failure(info.req[0], sess.total_free_milli, info.biggest, sess.largest_block)
+    if quick:
+        return _CAPACITY if quick == QUICK_CAPACITY else _BLOCK
+    failures = sess.shape_failures
+    memo = failures.get(info.shape) if failures else None
+    return 0 if memo is None else CODE_ID[memo[0]]
 
 
 def _queue_checks(ctx: Context, lj: LeafJobs) -> bool:

@@ -42,14 +42,21 @@ exactly the node and score that scoring every node gives (tests compare the two)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from aifab.scheduler.placement.api import PlacementContext
-from aifab.scheduler.placement.board import Board
+from aifab.scheduler.placement.board import Board, rounded
 from aifab.scheduler.placement.fgd import FgdPolicy, own_target
-from aifab.scheduler.placement.fragmentation import TargetWorkload, fill_fragmentation, gap_waste_table
+from aifab.scheduler.placement.fragmentation import (
+    TargetWorkload,
+    fill_fragmentation,
+    gap_waste_table,
+    state_fill,
+    state_fragmentation,
+)
 from aifab.scheduler.placement.view import BoolArray, ClusterView, FloatArray, IntArray, PodShape
 
 _MAX_CPU = 128_000.0
@@ -83,6 +90,72 @@ class FillFgdPolicy(FgdPolicy):
             # A trial state of a device too small for the task holds a negative count and
             # indexes the table from its end; FgdPolicy._evaluate discards those states.
             out = out + self.gap_weight * _gap_table(view, full)[gpu].sum(axis=1)
+        return out
+
+    rows_in_python = True  # evaluate a few rows without numpy where exact (tests compare with False)
+
+    def _evaluates_one(self, ctx: PlacementContext) -> bool:
+        # Exact for a task scored against its own shape with this class's measure (see
+        # fragmentation.state_fragmentation), whatever the subclass does with the values.
+        cls = type(self)
+        return (
+            self.rows_in_python
+            and ctx.target is None
+            and ctx.full_target is None
+            and cls.frag is FillFgdPolicy.frag
+            and cls.pick_device is FillFgdPolicy.pick_device
+            and cls.secondary is FillFgdPolicy.secondary
+        )
+
+    def _evaluate_one(
+        self, view: ClusterView, pod: PodShape, i: int, ctx: PlacementContext
+    ) -> tuple[float, int, float]:
+        target = own_target(pod)
+        cpu, mem, model, row = view.row(i)
+        access = bool(self._access(view, target)[model, 0])
+        left = list(row)
+        before = self._state_frag(view, target, cpu, left, mem, access, pod)
+        cpu_after, mem_after = cpu - pod.cpu, mem - pod.memory
+        extra = -((cpu_after / _MAX_CPU) + (sum(left) - pod.total_milli) / _MAX_GPU) / 2.0
+        if not pod.shared:
+            after = left
+            if pod.num_gpu:
+                after, taken = left.copy(), 0
+                for d, m in enumerate(left):
+                    if m == 1000 and taken < pod.num_gpu:
+                        after[d], taken = 0, taken + 1
+            delta = before - self._state_frag(view, target, cpu_after, after, mem_after, access, pod)
+            return delta, -1, extra
+        # The device with the best rounded change, then the least free milli (pick_device).
+        best, best_key, best_delta = 0, -np.inf, -np.inf
+        for d, m in enumerate(left):
+            if m < pod.milli:
+                continue  # and the first device, if none fits, with -inf (as argmax gives)
+            trial = left.copy()
+            trial[d] = m - pod.milli
+            dd = before - self._state_frag(view, target, cpu_after, trial, mem_after, access, pod)
+            key = rounded(dd) * 4096.0 - m
+            if key > best_key:
+                best, best_key, best_delta = d, key, dd
+        return best_delta, best, extra
+
+    def _state_frag(
+        self,
+        view: ClusterView,
+        target: TargetWorkload,
+        cpu: int,
+        left: list[int],
+        mem: int,
+        access: bool,
+        pod: PodShape,
+    ) -> float:
+        """:meth:`frag` of one state against the task's own shape."""
+        out = state_fragmentation(cpu, left, access, pod) + self.fill_weight * state_fill(
+            cpu, left, mem, access, pod
+        )
+        if self.gap_weight:
+            table = _gap_list(view, target)
+            out = out + self.gap_weight * float(sum(table[m] for m in left))
         return out
 
     def quantise(self, delta: FloatArray) -> FloatArray:
@@ -122,6 +195,17 @@ def _gap_table(view: ClusterView, full: TargetWorkload) -> FloatArray:
     return out
 
 
+def _gap_list(view: ClusterView, full: TargetWorkload) -> list[float]:
+    """:func:`_gap_table` as a list, for one state at a time."""
+    key = ("gap_list", id(full))
+    hit: Any = view.cache.get(key)
+    if hit is None or hit[0] is not full:
+        hit = (full, _gap_table(view, full).tolist())
+        view.cache[key] = hit
+    out: list[float] = hit[1]
+    return out
+
+
 def _can_host(
     cpu: IntArray, gpu: IntArray, mem: IntArray, access: BoolArray, target: TargetWorkload
 ) -> BoolArray:
@@ -133,14 +217,7 @@ def _can_host(
     return out
 
 
-def _can_host_one(view: ClusterView, i: int, shape: PodShape, access: bool) -> bool:
-    """:func:`_can_host` for one node and one shape."""
-    return _state_hosts(
-        int(view.cpu_left[i]), int(view.mem_left[i]), view.gpu_left[i].tolist(), shape, access
-    )
-
-
-def _state_hosts(cpu: int, mem: int, left: list[int], shape: PodShape, access: bool) -> bool:
+def _state_hosts(cpu: int, mem: int, left: Sequence[int], shape: PodShape, access: bool) -> bool:
     """Whether a node state (free CPU, memory, milli-GPU per device) can host one ``shape``."""
     if not access or cpu < shape.cpu or mem < shape.memory:
         return False
@@ -189,7 +266,8 @@ def _lost_rows(
 
 def _lost_one(view: ClusterView, pod: PodShape, i: int, device: int, shape: PodShape, access: bool) -> bool:
     """:func:`_lost_rows` for one row and a one-shape target that the row can host now."""
-    left = view.gpu_left[i].tolist()
+    cpu, mem, _, row = view.row(i)
+    left = list(row)
     if pod.shared:
         left[device] -= pod.milli
     elif pod.num_gpu:
@@ -198,8 +276,7 @@ def _lost_one(view: ClusterView, pod: PodShape, i: int, device: int, shape: PodS
             if m == 1000 and taken < pod.num_gpu:
                 left[d] = 0
                 taken += 1
-    cpu, mem = int(view.cpu_left[i]) - pod.cpu, int(view.mem_left[i]) - pod.memory
-    return not _state_hosts(cpu, mem, left, shape, access)
+    return not _state_hosts(cpu - pod.cpu, mem - pod.memory, left, shape, access)
 
 
 class _HostTable:
@@ -219,10 +296,12 @@ class _HostTable:
         mat, stamp, version = self.mat, self.stamp, view.version
         if rows is not None and len(rows) <= 16 and len(self.full.shapes) == 1:
             shape = self.full.shapes[0]  # the usual case, without numpy overhead
+            ok: list[bool] = access[:, 0].tolist()
             gained = 0
             for i in set(rows):
                 if stamp[i] != version[i]:
-                    now = _can_host_one(view, i, shape, bool(access[view.model_idx[i], 0]))
+                    cpu, mem, model, left = view.row(i)
+                    now = _state_hosts(cpu, mem, left, shape, ok[model])
                     gained += int(now) - int(mat[i, 0])
                     mat[i, 0] = now
                     stamp[i] = version[i]
@@ -378,23 +457,21 @@ class AifabPolicy(FillFgdPolicy):
             for i in np.flatnonzero(~feasible).tolist():
                 board.drop_row(i)
         else:
-            seen = set(changed)
-            rows = np.asarray([i for i in seen if feasible[i]], dtype=np.int64)
-            for i in seen:
-                if not feasible[i]:
+            few: list[int] = []
+            for i in set(changed):
+                if feasible[i]:
+                    few.append(i)
+                else:
                     board.drop_row(i)
+            if len(few) <= 4:  # the usual case: a node or two changed since
+                if few:
+                    self._set_rows(board, view, pod, few, ctx, table)
+                return
+            rows = np.asarray(few, dtype=np.int64)
         if not len(rows):
             return
         col = self._column(view, pod, rows, ctx)
         access = self._access(view, table.full)
-        if len(rows) <= 4:
-            shape = table.full.shapes[0]
-            for i in rows.tolist():
-                gone = bool(table.mat[i, 0]) and _lost_one(
-                    view, pod, i, int(col.device[i]), shape, bool(access[view.model_idx[i], 0])
-                )
-                board.set_row(i, float(col.delta[i]), float(col.extra[i]), gone)
-            return
         lost = _lost_rows(view, pod, rows, table.full, col.device, table.mat, access)
         for i, d, e, gone in zip(
             rows.tolist(),
@@ -404,3 +481,22 @@ class AifabPolicy(FillFgdPolicy):
             strict=True,
         ):
             board.set_row(i, d, e, gone)
+
+    def _set_rows(
+        self,
+        board: Board,
+        view: ClusterView,
+        pod: PodShape,
+        rows: list[int],
+        ctx: PlacementContext,
+        table: _HostTable,
+    ) -> None:
+        """:meth:`_bring_up_to_date`'s last step for a few rows, without numpy overhead."""
+        col = self._column(view, pod, rows, ctx)
+        ok: list[bool] = self._access(view, table.full)[:, 0].tolist()
+        shape = table.full.shapes[0]
+        for i in rows:
+            gone = bool(table.mat[i, 0]) and _lost_one(
+                view, pod, i, int(col.device[i]), shape, ok[view.row(i)[2]]
+            )
+            board.set_row(i, float(col.delta[i]), float(col.extra[i]), gone)

@@ -69,8 +69,26 @@ class PlacementPolicy(Protocol):
         ...
 
 
+_SHAPES: dict[tuple[int, int, frozenset[str]], tuple[TaskRequest, PodShape]] = {}
+
+
 def task_shape(task: TaskRequest, device_memory_mib: int, models: frozenset[str]) -> PodShape:
-    """The :class:`PodShape` of a task on devices with ``device_memory_mib`` of memory."""
+    """The :class:`PodShape` of a task on devices with ``device_memory_mib`` of memory.
+
+    Remembered per task object (requests are frozen): a scheduler asks again for every node
+    choice, and equal shapes as one object keep the policies' per-shape caches cheap to hit."""
+    key = (id(task), device_memory_mib, models)
+    got = _SHAPES.get(key)
+    if got is not None and got[0] is task:
+        return got[1]
+    if len(_SHAPES) > 65_536:  # tasks come and go; bound it
+        _SHAPES.clear()
+    shape = _shape(task, device_memory_mib, models)
+    _SHAPES[key] = (task, shape)
+    return shape
+
+
+def _shape(task: TaskRequest, device_memory_mib: int, models: frozenset[str]) -> PodShape:
     gpu = task.gpu
     if gpu.kind is GpuRequestKind.WHOLE:
         return PodShape(task.cpu_milli, task.memory_mib, gpu.count, GPU_MILLI, models)

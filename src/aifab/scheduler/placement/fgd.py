@@ -29,7 +29,7 @@ from aifab.scheduler.placement.view import (
     FloatArray,
     IntArray,
     PodShape,
-    first_free_devices,
+    RowState,
 )
 
 MAX_SCORE = 100
@@ -56,11 +56,7 @@ def _target(ctx: PlacementContext, pod: PodShape) -> TargetWorkload:
 
 
 _KNOWN_MAX = 65_536  # row contents remembered per column
-
-
-def _content(view: ClusterView, i: int) -> tuple[object, ...]:
-    """What row ``i`` holds, as far as a column's values go."""
-    return (int(view.model_idx[i]), int(view.cpu_left[i]), int(view.mem_left[i]), view.gpu_left[i].tobytes())
+_ONE_BY_ONE = 12  # rows evaluated without numpy, where a policy can (numpy's cost per call dominates)
 
 
 @dataclass
@@ -75,7 +71,7 @@ class _Column:
     extra: FloatArray  # policy-specific secondary key (aifab)
     # (delta, device, extra) by row content: a node back in a state seen before (a placement
     # tried and rolled back, a job ended) gets its values without evaluating it again
-    known: dict[tuple[object, ...], tuple[float, int, float]] = field(default_factory=dict)
+    known: dict[RowState, tuple[float, int, float]] = field(default_factory=dict)
 
 
 class FgdPolicy(ScoringPolicy):
@@ -198,7 +194,9 @@ class FgdPolicy(ScoringPolicy):
         """Tie-break key among equal scores (higher wins); FGD has none beyond the node rank."""
         return np.zeros(len(nodes), dtype=np.float64)
 
-    def _column(self, view: ClusterView, pod: PodShape, idx: IntArray, ctx: PlacementContext) -> _Column:
+    def _column(
+        self, view: ClusterView, pod: PodShape, idx: IntArray | list[int], ctx: PlacementContext
+    ) -> _Column:
         key = (self.name, "col", pod, *self._ctx_key(ctx, pod))
         col: Any = view.cache.get(key)
         if col is None or col.target is not ctx.target or col.full_target is not ctx.full_target:
@@ -213,21 +211,24 @@ class FgdPolicy(ScoringPolicy):
             )
             view.cache[key] = col
         version = view.version
-        if len(idx) <= 4:  # a few rows (a board's changed nodes): without numpy overhead
-            rows = [i for i in idx.tolist() if col.stamp[i] != version[i]]
+        if isinstance(idx, list) or len(idx) <= 4:  # a few rows: without numpy overhead
+            rows = [i for i in (idx if isinstance(idx, list) else idx.tolist()) if col.stamp[i] != version[i]]
         else:
             rows = idx[col.stamp[idx] != version[idx]].tolist()
         if rows:
             # A row's values depend only on what the row holds (as the per-version memo
             # already assumes): rows in a state evaluated before are looked up.
             known = col.known
-            contents = [_content(view, i) for i in rows]
+            contents = [view.row(i) for i in rows]  # a row's values depend on these alone
             miss = [k for k, c in enumerate(contents) if c not in known]
-            if miss:
+            if miss and len(known) > _KNOWN_MAX:
+                known.clear()
+            if miss and len(miss) <= _ONE_BY_ONE and self._evaluates_one(ctx):
+                for k in miss:
+                    known[contents[k]] = self._evaluate_one(view, pod, rows[k], ctx)
+            elif miss:
                 at = np.asarray([rows[k] for k in miss], dtype=np.int64)
                 delta, dev, extra = self._evaluate(view, pod, at, ctx)
-                if len(known) > _KNOWN_MAX:
-                    known.clear()
                 for k, d, v, e in zip(miss, delta.tolist(), dev.tolist(), extra.tolist(), strict=True):
                     known[contents[k]] = (d, v, e)
             for i, c in zip(rows, contents, strict=True):
@@ -235,6 +236,17 @@ class FgdPolicy(ScoringPolicy):
                 col.stamp[i] = version[i]
         result: _Column = col
         return result
+
+    def _evaluates_one(self, ctx: PlacementContext) -> bool:
+        """Whether :meth:`_evaluate_one` gives exactly what :meth:`_evaluate` gives here (FGD's
+        own scores are evaluated with numpy only)."""
+        return False
+
+    def _evaluate_one(
+        self, view: ClusterView, pod: PodShape, i: int, ctx: PlacementContext
+    ) -> tuple[float, int, float]:
+        """:meth:`_evaluate` for row ``i`` alone, without numpy."""
+        raise NotImplementedError
 
     def scores(self, view: ClusterView, pod: PodShape, idx: IntArray, ctx: PlacementContext) -> FloatArray:
         col = self._column(view, pod, idx, ctx)
@@ -250,6 +262,7 @@ class FgdPolicy(ScoringPolicy):
         if pod.num_gpu == 0:
             return ()
         if not pod.shared:
-            return first_free_devices(view.gpu_left[n], pod.num_gpu)
-        col = self._column(view, pod, np.asarray([n], dtype=np.int64), ctx)
+            # first_free_devices, on the row as Python values
+            return tuple([d for d, m in enumerate(view.row(n)[3]) if m == GPU_MILLI][: pod.num_gpu])
+        col = self._column(view, pod, [n], ctx)
         return (int(col.device[n]),)

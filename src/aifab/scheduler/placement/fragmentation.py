@@ -182,3 +182,43 @@ def gap_waste_table(target: TargetWorkload, common_share: float = COMMON_SHARE) 
             table[g] = min(table[g], table[g - s])
     table[1000] = 0.0
     return table
+
+
+# ----- one node state against a one-shape target, without numpy --------------------------------
+# The scheduler scores a task against its own shape (frequency exactly 1.0), and most evaluations
+# are of a node or two that just changed, where numpy's cost per call is most of the time. With
+# one shape every value is a whole number of milli-GPUs (times 1.0), so these give exactly the
+# floats the functions above give (tests compare them).
+
+
+def state_fragmentation(cpu: int, left: list[int], access: bool, shape: PodShape) -> float:
+    """:func:`fragmentation` of one state (``left``: free milli per device, padded as in the
+    view) against the target ``{shape: 1.0}``."""
+    milli = shape.milli
+    total = 0
+    small = 0
+    enough = 0
+    for m in left:
+        total += m
+        if m >= milli:
+            enough += 1
+        else:
+            small += m
+    usable = enough >= shape.num_gpu and cpu >= shape.cpu and access and shape.num_gpu > 0
+    return float(small if usable else total)
+
+
+def state_fill(cpu: int, left: list[int], mem: int, access: bool, shape: PodShape) -> float:
+    """:func:`fill_fragmentation` (with memory) of one state against the target ``{shape: 1.0}``."""
+    if shape.num_gpu <= 0:
+        return 0.0
+    total = sum(left)
+    if not access:
+        return float(total)
+    milli = max(shape.milli, 1)
+    if shape.num_gpu == 1 and shape.milli < 1000:
+        gpu_cap = sum(m // milli for m in left)
+    else:
+        gpu_cap = sum(1 for m in left if m == 1000) // max(shape.num_gpu, 1)
+    copies = min(gpu_cap, cpu // max(shape.cpu, 1), mem // max(shape.memory, 1))
+    return float(total - copies * (shape.num_gpu * shape.milli))

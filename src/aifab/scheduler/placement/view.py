@@ -23,6 +23,7 @@ from aifab.core.resources import GPU_MILLI
 IntArray = npt.NDArray[np.int64]
 BoolArray = npt.NDArray[np.bool_]
 FloatArray = npt.NDArray[np.float64]
+RowState = tuple[int, int, int, tuple[int, ...]]  # see ClusterView.row
 
 AFFINITY_TAGS = 9
 """GPU-shape tags tracked per node for GpuClustering: 0 = shared GPU, k = k whole GPUs (k <= 8)."""
@@ -96,9 +97,27 @@ class ClusterView:
     # Rows in the order they changed (see changed_since); log[0] is change number log_start.
     log: list[int] = field(default_factory=list)
     log_start: int = 0
+    # Per row, what row() returned since the row last changed (None: not asked yet)
+    _rows: list[RowState | None] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
         self.rank_is_row = bool(np.array_equal(self.rank, np.arange(len(self.rank))))
+        self._rows = [None] * len(self.names)
+
+    def row(self, i: int) -> RowState:
+        """Row ``i`` as Python values: (free CPU, free memory, model index, free milli per
+        device, padded). Code that looks at a row or two at a time reads it here, without numpy's
+        cost per element; kept until the row changes (direct writes to the arrays must come
+        before the first read, as for every cache of the view)."""
+        got = self._rows[i]
+        if got is None:
+            got = self._rows[i] = (
+                int(self.cpu_left[i]),
+                int(self.mem_left[i]),
+                int(self.model_idx[i]),
+                tuple(self.gpu_left[i].tolist()),
+            )
+        return got
 
     @property
     def log_end(self) -> int:
@@ -115,6 +134,7 @@ class ClusterView:
 
     def _changed(self, i: int) -> None:
         self.version[i] += 1
+        self._rows[i] = None
         log = self.log
         if len(log) >= 4 * len(self.names) + 1024:  # bound it; older readers compare versions
             self.log_start += len(log)
@@ -238,13 +258,14 @@ class ClusterView:
 
     def _feasible_row(self, pod: PodShape, i: int) -> bool:
         """:meth:`_feasible_rows` for one row, without numpy's per-call overhead."""
-        if self.cpu_left[i] < pod.cpu or self.mem_left[i] < pod.memory:
+        cpu, mem, _, left = self.row(i)
+        if cpu < pod.cpu or mem < pod.memory:
             return False
         if pod.num_gpu == 0:
             return True
-        if not self.model_mask(pod.models)[i]:
+        if pod.models and not self.model_mask(pod.models)[i]:
             return False
-        fits = sum(1 for m in self.gpu_left[i].tolist() if m >= pod.milli)
+        fits = sum(1 for m in left if m >= pod.milli)
         return fits >= (1 if pod.shared else pod.num_gpu)
 
     def _feasible_rows(self, pod: PodShape, rows: slice | IntArray) -> BoolArray:
