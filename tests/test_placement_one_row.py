@@ -109,3 +109,21 @@ def test_a_target_workload_is_evaluated_with_numpy() -> None:
     target = TargetWorkload.of([(PodShape(1000, 0, 1, 500), 1.0)])
     assert not AifabPolicy()._evaluates_one(PlacementContext(target=target))
     assert not AifabPolicy()._evaluates_one(PlacementContext(full_target=target))
+
+
+@settings(max_examples=100, deadline=None)
+@given(view=_views(), pod=_pods(), data=st.data())
+def test_feasible_count_follows_the_mask(view: ClusterView, pod: PodShape, data: st.DataObject) -> None:
+    """The count kept with the feasibility mask (it stands for the host table of the task's own
+    shape) equals the mask's, as rows change one at a time or several at once."""
+    for _ in range(data.draw(st.integers(1, 12))):
+        mask, count = view.feasible_with_count(pod)
+        assert count == int(mask.sum())
+        assert np.array_equal(mask, view._feasible_rows(pod, slice(None)))
+        rows = data.draw(st.lists(st.integers(0, view.size - 1), min_size=1, max_size=4))
+        for i in rows:
+            d = data.draw(st.integers(0, view.max_gpus - 1))
+            pick = data.draw(st.sampled_from([0, 250, 500, 1000]))
+            view.gpu_left[i, d] = pick if d < view.gpu_count[i] else 0
+            view.cpu_left[i] = data.draw(st.integers(0, 64_000))
+            view._changed(i)

@@ -263,7 +263,13 @@ _BOARD_TASKS = [
     TaskRequest(GpuRequest.fraction(f), cpu_milli=c, memory_mib=1024)
     for f in (0.25, 0.5)
     for c in (2000, 8000)
-] + [TaskRequest(GpuRequest.whole(k), cpu_milli=4000 * k, memory_mib=4096) for k in (1, 2, 4, 8)]
+] + [
+    *(TaskRequest(GpuRequest.whole(k), cpu_milli=4000 * k, memory_mib=4096) for k in (1, 2, 4, 8)),
+    TaskRequest(GpuRequest.none(), cpu_milli=16000, memory_mib=1024),
+]
+# GPU models a task may ask for: a task for GPUs scored against its own shape can host where it
+# is feasible; a CPU-only task that names models cannot (the host table sees the models).
+_BOARD_MODELS = [frozenset(), frozenset({"A100"}), frozenset({"T4", "V100"})]
 
 
 @st.composite
@@ -274,7 +280,8 @@ def _board_nodes(draw: st.DrawFn) -> list[NodeState]:
     for i in range(draw(st.integers(1, 14))):
         free = list(draw(st.sampled_from(patterns)))
         gpus = draw(st.sampled_from([8, 8, 4]))
-        node = uniform_node(f"n{i}", gpus, gpu_model="A100", cpu_milli=64000, memory_mib=1 << 18)
+        model = draw(st.sampled_from(["A100", "A100", "T4"]))
+        node = uniform_node(f"n{i}", gpus, gpu_model=model, cpu_milli=64000, memory_mib=1 << 18)
         s = NodeState(node, i)
         s.gpu_free_milli = free[:gpus]
         s.gpu_free_memory = [
@@ -309,7 +316,9 @@ def test_aifab_board_chooses_exactly_as_scoring_every_node(
         allowed = np.ones(len(states), dtype=np.bool_)
         if data.draw(st.integers(0, 4)) == 0:
             allowed[data.draw(st.integers(0, len(states) - 1))] = False
-        pod = task_shape(task, groups[0][0], frozenset())
+        models = data.draw(st.sampled_from(_BOARD_MODELS))
+        pod = task_shape(task, groups[0][0], models)
+        ctx = PlacementContext(gpu_models=models)
         got = []
         for policy in (boards, every):
             view = views[id(policy)]

@@ -14,16 +14,24 @@ from aifab.scheduler.session import QueueState, Session, Statement, TaskSpec
 MAX_DOMAINS = 16  # topology domains tried per gang: bounds the work for a gang that cannot fit
 
 
+_NO_FILTER: tuple[object, ...] = (None, (), ())
+
+
 def filter_key(w: Workload) -> tuple[object, ...]:
+    if w.node_pool is None and not w.node_selector and not w.gpu_models:
+        return _NO_FILTER  # most workloads: without sorting anything
     return (w.node_pool, tuple(sorted(w.node_selector.items())), tuple(sorted(w.gpu_models)))
 
 
 def eligible(sess: Session, w: Workload) -> tuple[bytearray, list[int]]:
-    """Nodes the workload may use at all (pool, labels, GPU model, schedulable); cached per cycle."""
+    """Nodes the workload may use at all (pool, labels, GPU model, schedulable); cached for as
+    long as the node tuple lasts (see NodeFacts.filters). Read only."""
     key = filter_key(w)
     got = sess.filters.get(key)
     if got is not None:
         return got
+    if len(sess.filters) >= 4096:  # filters are few; bound it anyway
+        sess.filters.clear()
     allowed = bytearray(len(sess.nodes))
     lst: list[int] = []
     selector = sorted(w.node_selector.items())

@@ -219,7 +219,7 @@ class Session:
         self.stats: dict[str, float] = {}
         self.gpu_models_hint: frozenset[str] = frozenset()  # models of the gang being placed
         self._domains: dict[str, dict[str, list[int]]] = {}
-        self.filters: dict[object, tuple[bytearray, list[int]]] = {}
+        self.filters = facts.filters  # kept between cycles with the node tuple
         # Nodes changed by take/give since a placement plugin last synced its own view of them.
         self.touched: dict[int, None] = {}
         self.view_slot: ViewSlot | None = None  # set by the cycle when the caller keeps a memo

@@ -52,10 +52,14 @@ class TreeInfo:
 
 
 class NodeFacts:
-    __slots__ = ("capacity", "index", "max_device_memory", "max_gpus", "nodes")
+    __slots__ = ("capacity", "filters", "index", "max_device_memory", "max_gpus", "nodes")
 
     def __init__(self, nodes: tuple[Node, ...]) -> None:
         self.nodes = nodes
+        # Per node filter (pool, labels, GPU models): the nodes it lets in, as a mask and a
+        # list (see placer.eligible). Nodes are immutable, so one answer serves every cycle
+        # with this node tuple; readers never change it.
+        self.filters: dict[object, tuple[bytearray, list[int]]] = {}
         self.index = {n.name: i for i, n in enumerate(nodes)}
         self.max_gpus = max((len(n.gpus) for n in nodes), default=0)
         self.max_device_memory = max((g.memory_mib for n in nodes for g in n.gpus[:1]), default=0)

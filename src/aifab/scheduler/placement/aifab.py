@@ -43,7 +43,7 @@ exactly the node and score that scoring every node gives (tests compare the two)
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -326,6 +326,14 @@ class _HostTable:
             stamp[stale] = version[stale]
 
 
+class _Hosts(NamedTuple):
+    """The nodes that can host one task of a one-shape target now (what a _HostTable holds)."""
+
+    full: TargetWorkload
+    mat: BoolArray  # (nodes, 1)
+    how_many: int
+
+
 class AifabPolicy(FillFgdPolicy):
     """aifab's default: fill-aware FGD + a penalty for taking away the last nodes able to host
     a scarce task shape (see the module docstring)."""
@@ -407,16 +415,25 @@ class AifabPolicy(FillFgdPolicy):
         if board is None or not board.usable or not allowed.all():
             return super().best_in_mask(view, pod, feasible, allowed, ctx)
         full = own_target(pod)
-        table = self._host_table(view, full)
-        self._bring_up_to_date(board, view, pod, feasible, ctx, table)
+        hosts = self._own_hosts(view, pod, full)
+        self._bring_up_to_date(board, view, pod, feasible, ctx, hosts)
         if not board.usable:  # kept so: this shape is scored node by node on this view
             return super().best_in_mask(view, pod, feasible, allowed, ctx)
         # c exactly as scores() works it out: value x 1.0 (a one-shape target) x the weight.
-        value = (
-            self._shape_value(view, full)[0]
-            * (view.size / max(int(table.count[0]), 1)) ** self.scarcity_power
-        )
+        value = self._shape_value(view, full)[0] * (view.size / max(hosts.how_many, 1)) ** self.scarcity_power
         return board.best(self.reserve_weight * float(value))
+
+    def _own_hosts(self, view: ClusterView, pod: PodShape, full: TargetWorkload) -> _Hosts:
+        """Which nodes can host one task of ``pod``'s own shape now, and how many (what the host
+        table of ``own_target(pod)`` holds)."""
+        if pod.num_gpu > 0 or not pod.models:
+            # The same checks as the view's feasibility mask (model, CPU, memory, devices),
+            # which is up to date already: no table to keep. (A CPU-only task may name GPU
+            # models, which the mask ignores and the table does not.)
+            mask, count = view.feasible_with_count(pod)
+            return _Hosts(full, mask[:, None], count)
+        table = self._host_table(view, full)
+        return _Hosts(full, table.mat, int(table.count[0]))
 
     def _board(self, view: ClusterView, pod: PodShape, ctx: PlacementContext) -> Board | None:
         """The board of this shape, where its scores are the ones it assumes: a view whose ties
@@ -448,7 +465,7 @@ class AifabPolicy(FillFgdPolicy):
         pod: PodShape,
         feasible: BoolArray,
         ctx: PlacementContext,
-        table: _HostTable,
+        table: _Hosts,
     ) -> None:
         changed = view.changed_since(board.at)
         board.at = view.log_end
@@ -489,7 +506,7 @@ class AifabPolicy(FillFgdPolicy):
         pod: PodShape,
         rows: list[int],
         ctx: PlacementContext,
-        table: _HostTable,
+        table: _Hosts,
     ) -> None:
         """:meth:`_bring_up_to_date`'s last step for a few rows, without numpy overhead."""
         col = self._column(view, pod, rows, ctx)

@@ -228,21 +228,32 @@ class ClusterView:
         Memoised per shape; only rows changed since are recomputed (found in the change log,
         or by comparing versions when the log no longer reaches back; a caller that writes
         the arrays directly must do so before anything is memoised)."""
+        mask: BoolArray = self._feasible_entry(pod)[1]
+        return mask
+
+    def feasible_with_count(self, pod: PodShape) -> tuple[BoolArray, int]:
+        """:meth:`feasible` and how many nodes it lets in (kept up to date with the mask)."""
+        entry = self._feasible_entry(pod)
+        return entry[1], entry[3]
+
+    def _feasible_entry(self, pod: PodShape) -> list[Any]:
+        """[version stamps, mask, log_end when brought up to date, number of rows in the mask]."""
         key = ("feasible", pod)
-        entry: Any = self.cache.get(key)
+        entry: list[Any] | None = self.cache.get(key)
         if entry is None:
-            entry = [np.full(self.size, -1, dtype=np.int64), np.zeros(self.size, dtype=np.bool_), -1]
+            entry = [np.full(self.size, -1, dtype=np.int64), np.zeros(self.size, dtype=np.bool_), -1, 0]
             self.cache[key] = entry
-        stamp, at = entry[0], entry[2]
-        mask: BoolArray = entry[1]
+        stamp, mask, at = entry[0], entry[1], entry[2]
         rows = self.changed_since(at)
         entry[2] = self.log_end
         if rows is not None:
             if len(rows) <= 2:  # the usual case in a scheduler: one node changed since
                 for i in rows:
-                    mask[i] = self._feasible_row(pod, i)
+                    now = self._feasible_row(pod, i)
+                    entry[3] += int(now) - int(mask[i])
+                    mask[i] = now
                     stamp[i] = self.version[i]
-                return mask
+                return entry
             stale = np.unique(np.asarray(rows, dtype=np.int64))
         else:
             stale = np.flatnonzero(stamp != self.version)
@@ -254,7 +265,8 @@ class ClusterView:
         elif len(stale):
             mask[stale] = self._feasible_rows(pod, stale)
         stamp[stale] = self.version[stale]
-        return mask
+        entry[3] = int(np.count_nonzero(mask))
+        return entry
 
     def _feasible_row(self, pod: PodShape, i: int) -> bool:
         """:meth:`_feasible_rows` for one row, without numpy's per-call overhead."""
