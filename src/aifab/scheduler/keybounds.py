@@ -27,6 +27,7 @@ cannot be ordered (a NaN) turn the bounds off for good (the caller then asks eac
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import math
 from collections.abc import Callable, Container, Iterable
@@ -69,6 +70,11 @@ class KeyBounds:
         # whose entry was replaced or dropped is stale and passed over.
         self._due: list[tuple[float, int, Entry]] = []
         self._seq = count()
+        # Per priority, the entries' (key, id of the workload) in order, so that a question
+        # reads the run of keys above its own instead of every entry; with the token each
+        # workload is filed under.
+        self._by_key: dict[int, list[tuple[tuple[object, ...], int]]] = {}
+        self._filed: dict[int, tuple[int, tuple[tuple[object, ...], int]]] = {}
 
     def update(self, gone: Iterable[Workload], new: Iterable[Workload], now: float) -> None:
         """Running workloads that stopped, and ones that started, since the last cycle, whose
@@ -77,7 +83,8 @@ class KeyBounds:
         self._now = now
         entries = self._entries
         for w in gone:
-            entries.pop(id(w), None)
+            if entries.pop(id(w), None) is not None:
+                self._unfile(id(w))
         for w in new:
             self._exact(w)
         due = self._due
@@ -91,9 +98,31 @@ class KeyBounds:
             self.ok = False
         limit = INF if self.steady is None else self.steady(w)
         entry = self._entries[id(w)] = (w, w.priority, key, limit, self._cycle)
+        self._file(id(w), w.priority, key)
         if limit < INF:
             self._wait(entry, w.attained_gpu_seconds)
         return key
+
+    def _file(self, ident: int, priority: int, key: tuple[object, ...]) -> None:
+        old = self._filed.get(ident)
+        if old is not None:
+            if old[0] == priority and old[1][0] == key:
+                return  # the key did not change (a LAS key between its steps)
+            self._unfile(ident)
+        token = (key, ident)
+        if not self.ok:
+            return  # keys may not sort any more; questions are not answered from here
+        bisect.insort(self._by_key.setdefault(priority, []), token)
+        self._filed[ident] = (priority, token)
+
+    def _unfile(self, ident: int) -> None:
+        got = self._filed.pop(ident, None)
+        if got is None:
+            return
+        lst = self._by_key[got[0]]
+        at = bisect.bisect_left(lst, got[1])
+        assert lst[at] == got[1]
+        del lst[at]
 
     def _wait(self, entry: Entry, attained: float) -> None:
         """Queue ``entry`` by the earliest time its workload could reach its limit (never, if
@@ -142,11 +171,22 @@ class KeyBounds:
         if self.steady is not None and self._renewed != self._cycle:
             self._renew()
             self._renewed = self._cycle
-        out = [
-            w
-            for w, p, key, _, _ in self._entries.values()
-            if w.queue in queues and (p < priority or (p == priority and order < key))
-        ]
+        entries = self._entries
+        out: list[Workload] = []
+        # Every entry of a lower priority, and those of this one whose key is above ``order``
+        # (in another order than the entries', which no caller depends on: victims are sorted
+        # by keys that end with the unique workload id).
+        for p, lst in self._by_key.items():
+            if p < priority:
+                run = lst
+            elif p == priority:
+                run = lst[bisect.bisect_right(lst, (order, INF)) :]  # keys equal to it are not above
+            else:
+                continue
+            for _, ident in run:
+                w = entries[ident][0]
+                if w.queue in queues:
+                    out.append(w)
         return out if self.ok else None
 
     def keep_outranked(

@@ -166,7 +166,8 @@ def diagnose(sess: Session, w: Workload, specs: list[TaskSpec], gang_gpu: int) -
     _, nodes = eligible(sess, w)
     if not nodes:
         return ReasonCode.NO_MATCHING_NODE, _no_node_message(w)
-    free = sum(sess.nodes[ni].free_gpu_milli for ni in nodes)
+    per_node = sess.free_milli()
+    free = sum(per_node[ni] for ni in nodes)
     if gang_gpu > free:
         if free <= 0:
             return ReasonCode.INSUFFICIENT_CAPACITY, (

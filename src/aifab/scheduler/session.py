@@ -222,6 +222,7 @@ class Session:
         self.filters = facts.filters  # kept between cycles with the node tuple
         # Nodes changed by take/give since a placement plugin last synced its own view of them.
         self.touched: dict[int, None] = {}
+        self._free_milli: list[int] | None = None  # see free_milli
         self.view_slot: ViewSlot | None = None  # set by the cycle when the caller keeps a memo
         self.key_bounds: KeyBounds | None = None  # likewise (see aifab.scheduler.keybounds)
         self._index_nodes(base.summaries())
@@ -315,7 +316,16 @@ class Session:
         self.touched[ni] = None
         self._reindex(ni, milli * len(devices))
 
+    def free_milli(self) -> list[int]:
+        """Per node, ``free_gpu_milli`` (the sum over its devices), made on first use and kept
+        up to date by take and give: for code that looks at many nodes per decision. Read only."""
+        if self._free_milli is None:
+            self._free_milli = [sum(ns.gpu_free_milli) for ns in self.nodes]
+        return self._free_milli
+
     def _reindex(self, ni: int, milli_delta: int) -> None:
+        if self._free_milli is not None:
+            self._free_milli[ni] += milli_delta  # each device moved by the same milli
         ns = self.nodes[ni]
         if not ns.node.schedulable:
             return

@@ -93,10 +93,11 @@ def _hopeless(sess: Session, pj: PendingJob, victims: list[RunJob]) -> bool:
             h[1] += cpu
             h[2] += mem
     _, nodes = eligible(sess, pj.w)
+    free = sess.free_milli()
     for ni in nodes:
         ns = sess.nodes[ni]
         g, c, m = held.get(ni, (0, 0, 0))
-        if ns.free_gpu_milli + g >= gpu and ns.free_cpu + c >= s.cpu and ns.free_memory + m >= s.memory:
+        if free[ni] + g >= gpu and ns.free_cpu + c >= s.cpu and ns.free_memory + m >= s.memory:
             return False
     return True
 
@@ -204,7 +205,8 @@ def _plan_room(sess: Session, pj: PendingJob, outranked: list[Workload]) -> int:
             if ni is not None:
                 held[ni] = held.get(ni, 0) + p.gpu_milli * len(p.devices)
     _, nodes = eligible(sess, pj.w)
-    room = [sess.nodes[ni].free_gpu_milli + held.get(ni, 0) for ni in nodes]
+    free = sess.free_milli()
+    room = [free[ni] + held.get(ni, 0) for ni in nodes]
     if all(r < need for r in room):
         return _NO_NODE
     if s.kind is WHOLE:  # each task takes its GPUs on one node: count the tasks of that size

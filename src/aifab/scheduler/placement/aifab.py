@@ -480,7 +480,7 @@ class AifabPolicy(FillFgdPolicy):
                     few.append(i)
                 else:
                     board.drop_row(i)
-            if len(few) <= 4:  # the usual case: a node or two changed since
+            if len(few) <= 12:  # the usual case: a node or a few changed since
                 if few:
                     self._set_rows(board, view, pod, few, ctx, table)
                 return

@@ -247,8 +247,8 @@ class ClusterView:
         rows = self.changed_since(at)
         entry[2] = self.log_end
         if rows is not None:
-            if len(rows) <= 2:  # the usual case in a scheduler: one node changed since
-                for i in rows:
+            if len(rows) <= 16:  # the usual case in a scheduler: a node or a few changed since
+                for i in set(rows):
                     now = self._feasible_row(pod, i)
                     entry[3] += int(now) - int(mask[i])
                     mask[i] = now
