@@ -130,6 +130,16 @@ def test_key_bounds_answer_as_asking_every_workload(
             key = jkey(pending)
             queues = {"q0", "q1"} if i % 2 else {"q0"}
             for _ in range(2):  # a second question in the same cycle
+                # The superset is exactly the entries whose kept key is above (preempt's room
+                # check reads it as it is, so a looser one could change its verdicts).
+                maybe = bounds.maybe_outranked(prio, key, queues)
+                by_bounds = [
+                    w
+                    for w, p, kept, _, _ in bounds._entries.values()
+                    if w.queue in queues and (p < prio or (p == prio and key < kept))
+                ]
+                assert maybe is not None
+                assert sorted(w.id for w in maybe) == sorted(w.id for w in by_bounds)
                 got = bounds.outranked(prio, key, queues)
                 want = [
                     w
@@ -138,6 +148,31 @@ def test_key_bounds_answer_as_asking_every_workload(
                 ]
                 assert got is not None
                 assert sorted(w.id for w in got) == sorted(w.id for w in want)
+
+
+def test_srtf_bounds_drop_a_workload_whose_key_fell_below_the_question() -> None:
+    """A key that never rises is filed once, at its first value; after a question computed it
+    again (lower), the next question must not count the workload on the old value."""
+    jkey = JOB_ORDERS["srtf"]
+    bounds = KeyBounds("srtf", jkey, None)
+    clock = Clock()
+    r = running_view(_running(1, 1, 0.0, 1000.0), clock, 0.0, 1.0)  # 1000 s left at t=0
+    bounds.update([], [r], clock.now)
+    clock.now = 600.0  # 400 s left now; still filed at 1000
+    bounds.update([], [], clock.now)
+    pending = Workload(
+        id="p",
+        queue="q0",
+        tasks=(TaskRequest(GpuRequest.whole(1)),),
+        priority=50,
+        submit_time=0.5,
+        expected_duration=500.0,
+    )
+    key = jkey(pending)  # 500 s left: below the filed 1000, above the 400 now
+    assert bounds.maybe_outranked(50, key, {"q1"}) == [r]  # the kept bound says maybe
+    assert bounds.outranked(50, key, {"q1"}) == []  # asking it says no, and keeps 400
+    assert bounds.maybe_outranked(50, key, {"q1"}) == []
+    assert bounds.outranked(50, key, {"q1"}) == []
 
 
 @pytest.mark.parametrize("gpus", [1, 2, 4])

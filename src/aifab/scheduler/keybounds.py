@@ -106,8 +106,10 @@ class KeyBounds:
     def _file(self, ident: int, priority: int, key: tuple[object, ...]) -> None:
         old = self._filed.get(ident)
         if old is not None:
-            if old[0] == priority and old[1][0] == key:
-                return  # the key did not change (a LAS key between its steps)
+            if old[0] == priority and (self.steady is None or old[1][0] == key):
+                # Unchanged (a LAS key between its steps), or a key that never rises: the one
+                # filed stays above the key now, and questions compare the entry's key as well.
+                return
             self._unfile(ident)
         token = (key, ident)
         if not self.ok:
@@ -181,6 +183,12 @@ class KeyBounds:
                 run = lst
             elif p == priority:
                 run = lst[bisect.bisect_right(lst, (order, INF)) :]  # keys equal to it are not above
+                if self.steady is None:  # filed keys may lie above the entries' (see _file)
+                    for _, ident in run:
+                        w, _, key, _, _ = entries[ident]
+                        if w.queue in queues and order < key:
+                            out.append(w)
+                    continue
             else:
                 continue
             for _, ident in run:
