@@ -50,7 +50,7 @@ SECTIONS = [
         "guarantee, priority then least-attained-service order inside a project). The quota promise "
         "(a job that fits in its project's unused deserved quota starts within 60 s) is defined in "
         "`src/aifab/sim/metrics.py`. Wall seconds are per policy, two policies at a time on the 2 cores; "
-        "these machines differ by up to 1.5x between sessions, so the calibration workload's time is "
+        "these machines differ by up to 3x between sessions (calibration 29 to 89 ms), so the calibration workload's time is "
         "given to compare runs (the next section compares revisions side by side instead).",
     ),
     (
@@ -59,20 +59,17 @@ SECTIONS = [
         "`bench/philly_speedup.py`: the same full replay under this tree and under a baseline git "
         "revision (checked out into a temporary worktree), both at the same time, per policy: the "
         "ratio holds on machines whose speed varies between sessions, and every metric of the two "
-        "must be the same. The baseline here, `fcf8373`, is the last commit before aifab's placement "
-        "chose through boards (`placement/board.py`: per task shape, the nodes grouped by score, so "
-        "that a choice looks at the best groups instead of scoring every feasible node; "
-        "`tests/test_placement_policies.py` compares it with scoring every node, node and score), "
-        "before views logged the rows that changed (caches update those rows instead of comparing "
-        "every node's version), before allocate's search tested the first jobs of a list one "
-        "by one before its vectorised walk, before a job list changed in place copied its "
-        "columns in runs between the changes rather than through masks over the whole list (the "
-        "FIFO lists are long), and before a list that one check refuses whole (static quotas) was "
-        "marked in slices with its queue's state copied field by field. The philly cluster has 56 "
-        "nodes, where scoring every node is cheap: "
-        'the boards are for large clusters (section "Scheduler speed"). The '
-        "previous comparisons (baselines `7d4b71f` and `5eb2ad8`) are in the git history of "
-        "`bench/results/philly_speedup.md`; machines differ between "
+        "must be the same. The baseline here, `d3d937a`, is the last commit before the changes of "
+        "2026-11-29 evening: aifab's placement evaluates a few changed nodes without numpy "
+        "(`FillFgdPolicy._evaluate_one`, exactly the vectorised values: "
+        "`tests/test_placement_one_row.py`) and reads rows as Python values once per change "
+        "(`ClusterView.row`); its boards take the nodes able to host a task's own shape from the "
+        "feasibility mask and its count instead of a second table; node filters are kept with the "
+        "node tuple across cycles; the session keeps each node's free GPUs for preemption's room "
+        "check; and preemption by job order reads the running keys from a per-priority sorted "
+        "index (`KeyBounds`) instead of scanning every running workload per question. "
+        "The previous comparisons (baselines `7d4b71f`, `5eb2ad8` and `fcf8373`) are in the git "
+        "history of `bench/results/philly_speedup.md`; machines differ between "
         "sessions, so the wall seconds of the two comparisons do not compare, their ratios do.",
     ),
     (
