@@ -30,6 +30,7 @@ from aifab.scheduler.checks import QUICK_CAPACITY, quick_failure, quota_refusal,
 from aifab.scheduler.config import Fairness
 from aifab.scheduler.context import Context
 from aifab.scheduler.jobs import CODE_ID, I64, U8, Behind, LeafJobs, Refused
+from aifab.scheduler.pending import JobInfo
 from aifab.scheduler.session import QueueState
 
 BoolArr = npt.NDArray[np.bool_]
@@ -183,8 +184,12 @@ def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool, checks: bool) 
     refused: list[int] = []
     codes: list[int] = []
     n, done, leaf, fairness = lj.n, lj.done, lj.leaf, ctx.config.fairness
+    infos, sess = lj.group.infos, ctx.sess
+    # Nothing binds during the walk: the state its checks read is the same for every job.
+    state = (leaf, sess.total_free_milli, sess.largest_block, sess.shape_failures)
+    static = fairness is Fairness.STATIC
     for _ in range(_FEW):
-        code = _refusal_code(ctx, lj, i, checks)
+        code = _refusal_code(infos[i], state, static, checks)
         if code in _HAND_OVER:
             return -1
         if code:
@@ -194,7 +199,7 @@ def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool, checks: bool) 
             within
             and fairness is not Fairness.NONE
             and leaf is not None
-            and not within_fair(leaf, lj.group.infos[i].req)
+            and not within_fair(leaf, infos[i].req)
         ):
             return -1  # left for the borrowing pass, not marked: walking it again would not pay
         else:
@@ -211,21 +216,24 @@ def _walk_a_few(ctx: Context, lj: LeafJobs, i: int, within: bool, checks: bool) 
     return -1
 
 
-def _refusal_code(ctx: Context, lj: LeafJobs, i: int, checks: bool) -> int:
-    """:func:`refusal_codes` for job ``i`` alone, through try_job's own checks (``checks``:
-    :func:`_queue_checks` of the list; without them no queue check can refuse)."""
-    sess = ctx.sess
-    info = lj.group.infos[i]
+# What a walk's checks read: the list's queue, the cluster's free GPUs, its largest free block
+# and the shapes that failed to place.
+_WalkState = tuple[QueueState | None, int, int, dict[object, tuple[ReasonCode, str]]]
+
+
+def _refusal_code(info: JobInfo, state: _WalkState, static: bool, checks: bool) -> int:
+    """:func:`refusal_codes` for one job, through try_job's own checks, in ``state`` (the
+    list's queue, the cluster's free GPUs, its largest free block, the shapes that failed);
+    ``checks``: :func:`_queue_checks` of the list (without them no queue check can refuse)."""
+    leaf, free, block, failures = state
     if checks:
-        assert lj.leaf is not None
-        static = ctx.config.fairness is Fairness.STATIC
-        refusal = quota_refusal(lj.leaf, info.req, info.w.preemptible, static)
+        assert leaf is not None
+        refusal = quota_refusal(leaf, info.req, info.w.preemptible, static)
         if refusal is not None:
             return CODE_ID[refusal[0]]
-    quick = quick_failure(info.req[0], sess.total_free_milli, info.biggest, sess.largest_block)
+    quick = quick_failure(info.req[0], free, info.biggest, block)
     if quick:
         return _CAPACITY if quick == QUICK_CAPACITY else _BLOCK
-    failures = sess.shape_failures
     memo = failures.get(info.shape) if failures else None
     return 0 if memo is None else CODE_ID[memo[0]]
 
