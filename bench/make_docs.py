@@ -79,6 +79,19 @@ SECTIONS = [
         "seeded snapshots, median of several runs.",
     ),
     (
+        "5c. Scheduler speed against an earlier revision",
+        "cycle_speedup.md",
+        "`bench/cycle_speedup.py`: the cases above (default placement) under this tree and under a "
+        "baseline git revision, both at the same time, one process each, in rounds: the calibration "
+        "workload above does not follow these cycles (on 2026-11-29 it took 33.6, 68.0 and 54.3 ms "
+        "within the hour while the 1,000-node cycle took 91.2, 110.0 and 101.7 ms: 2.75, 1.62 and "
+        "1.87 times it; the first at `2e7f844`, one small search change before the others), so the "
+        "ratio to a revision measured alongside is the figure that compares. "
+        "Both revisions must take the same "
+        "decisions (a digest of binds, evictions and pending reasons). The baseline, `d3d937a`, is "
+        "the same as in the replay comparison above.",
+    ),
+    (
         "5c. Simulator speed",
         "sim_speed.md",
         "`bench/sim_speed.py`: simulator events per second on a synthetic workload.",

@@ -4,7 +4,7 @@
 
 For each policy the baseline (checked out into a temporary git worktree) and this tree replay
 the trace at the same time, one process each, so both see the same machine at the same moment
-(these machines' speed varies by 1.5x between sessions). Reports both wall times, their ratio,
+(these machines' speed varies up to 3x between sessions). Reports both wall times, their ratio,
 and whether every metric came out the same. Writes bench/results/philly_speedup.{json,md}.
 """
 
@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
 import shlex
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._worktree import checked_out, child_result, dirty_src, revision, start_child, write_results
+
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
+
 POLICIES = ["fifo", "fifo-backfill", "static", "kai", "tiresias", "srtf", "aifab"]
 
 # Run in a child process against the source tree on PYTHONPATH: one replay, its wall time and
@@ -44,27 +45,6 @@ print(json.dumps({"wall_s": wall, "metrics": {k: v for k, v in summary.items() i
 """
 
 
-def _start(src: Path, policy: str, limit: int) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(src)}
-    return subprocess.Popen(
-        [sys.executable, "-c", CHILD, policy, str(limit)], env=env, stdout=subprocess.PIPE, text=True
-    )
-
-
-def _result(proc: subprocess.Popen[str], what: str) -> dict[str, object]:
-    out, _ = proc.communicate()
-    if proc.returncode != 0:
-        raise SystemExit(f"{what} failed with exit code {proc.returncode}")
-    got: dict[str, object] = json.loads(out.strip().splitlines()[-1])
-    return got
-
-
-def _revision(rev: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", rev], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--baseline", required=True, help="git revision to compare with")
@@ -72,36 +52,26 @@ def main() -> int:
     ap.add_argument("--limit-jobs", type=int, default=0, help="0: all 52,849 jobs")
     args = ap.parse_args()
     policies = args.policy or POLICIES
-    base_rev = _revision(args.baseline)
-    head = _revision("HEAD")
-    dirty = bool(
-        subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "src"], capture_output=True, text=True
-        ).stdout.strip()
-    )
+    base_rev = revision(args.baseline)
+    head = revision("HEAD")
+    dirty = dirty_src()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        tree = Path(tmp) / "baseline"
-        subprocess.run(
-            ["git", "-C", str(ROOT), "worktree", "add", "-q", "--detach", str(tree), base_rev], check=True
-        )
-        try:
-            for policy in policies:
-                base = _start(tree / "src", policy, args.limit_jobs)
-                this = _start(ROOT / "src", policy, args.limit_jobs)
-                b, t = _result(base, f"{policy} at {base_rev}"), _result(this, f"{policy} here")
-                same = b["metrics"] == t["metrics"]
-                bw, tw = float(b["wall_s"]), float(t["wall_s"])  # type: ignore[arg-type]
-                rows.append(
-                    {"policy": policy, "baseline_s": bw, "this_s": tw, "ratio": tw / bw, "same_metrics": same}
-                )
-                print(
-                    f"{policy:14} baseline {bw:7.1f} s   this {tw:7.1f} s   x{tw / bw:.2f}   "
-                    f"metrics {'same' if same else 'DIFFER'}",
-                    flush=True,
-                )
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=True)
+    with checked_out(base_rev) as tree:
+        for policy in policies:
+            limit = str(args.limit_jobs)
+            base = start_child(CHILD, [tree / "src"], policy, limit)
+            this = start_child(CHILD, [ROOT / "src"], policy, limit)
+            b, t = child_result(base, f"{policy} at {base_rev}"), child_result(this, f"{policy} here")
+            same = b["metrics"] == t["metrics"]
+            bw, tw = float(b["wall_s"]), float(t["wall_s"])  # type: ignore[arg-type]
+            rows.append(
+                {"policy": policy, "baseline_s": bw, "this_s": tw, "ratio": tw / bw, "same_metrics": same}
+            )
+            print(
+                f"{policy:14} baseline {bw:7.1f} s   this {tw:7.1f} s   x{tw / bw:.2f}   "
+                f"metrics {'same' if same else 'DIFFER'}",
+                flush=True,
+            )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     meta = {
         "command": command,
@@ -112,8 +82,6 @@ def main() -> int:
         "this": head + (" + uncommitted changes" if dirty else ""),
         "limit_jobs": args.limit_jobs or None,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "philly_speedup.json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     md = [
         "# Philly replay: this tree against a baseline, side by side",
         "",
@@ -132,8 +100,7 @@ def main() -> int:
         ),
         "",
     ]
-    (RESULTS / "philly_speedup.md").write_text("\n".join(md))
-    print(f"wrote {RESULTS / 'philly_speedup.md'}")
+    print(f"wrote {write_results('philly_speedup', {**meta, 'rows': rows}, md)}")
     return 0 if all(r["same_metrics"] for r in rows) else 1
 
 
