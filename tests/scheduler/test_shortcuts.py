@@ -10,7 +10,8 @@ cycle must decide exactly the same.
   room for the smallest, or the static quota: ``search.refuses_all``), short lists included,
   with the reasons worded lazily;
 * aifab's placement chooses through boards (``placement.board``) that look only at the best
-  groups of nodes, instead of scoring every feasible node.
+  groups of nodes, instead of scoring every feasible node;
+* a few nodes are evaluated without numpy (``FillFgdPolicy.rows_in_python``).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from aifab.core import ClusterSnapshot, GpuRequest, QueueTree, TaskRequest, Work
 from aifab.scheduler import Fairness, SchedulerConfig, run_cycle, search
 from aifab.scheduler import placer as placer_module
 from aifab.scheduler.actions import evict as evict_module
-from aifab.scheduler.placement.aifab import AifabPolicy
+from aifab.scheduler.placement.aifab import AifabPolicy, FillFgdPolicy
 
 from .helpers import Placer, running
 from .test_invariants import CONFIGS, contended, snapshots
@@ -80,6 +81,7 @@ def _same_with_and_without(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
         mp.setattr(search, "refuses_all", lambda ctx, lj: False)
         mp.setattr(preempt_module, "_plan_room", _plan_room_without_counting)
         mp.setattr(AifabPolicy, "boards", False)
+        mp.setattr(FillFgdPolicy, "rows_in_python", False)
         unchecked = run_cycle(snap, cfg)
     assert checked == unchecked
 

@@ -57,7 +57,14 @@ from aifab.scheduler.placement.fragmentation import (
     state_fill,
     state_fragmentation,
 )
-from aifab.scheduler.placement.view import BoolArray, ClusterView, FloatArray, IntArray, PodShape
+from aifab.scheduler.placement.view import (
+    BoolArray,
+    ClusterView,
+    FloatArray,
+    IntArray,
+    PodShape,
+    with_whole_taken,
+)
 
 _MAX_CPU = 128_000.0
 _MAX_GPU = 8_000.0
@@ -118,12 +125,7 @@ class FillFgdPolicy(FgdPolicy):
         cpu_after, mem_after = cpu - pod.cpu, mem - pod.memory
         extra = -((cpu_after / _MAX_CPU) + (sum(left) - pod.total_milli) / _MAX_GPU) / 2.0
         if not pod.shared:
-            after = left
-            if pod.num_gpu:
-                after, taken = left.copy(), 0
-                for d, m in enumerate(left):
-                    if m == 1000 and taken < pod.num_gpu:
-                        after[d], taken = 0, taken + 1
+            after = with_whole_taken(left, pod.num_gpu) if pod.num_gpu else left
             delta = before - self._state_frag(view, target, cpu_after, after, mem_after, access, pod)
             return delta, -1, extra
         # The device with the best rounded change, then the least free milli (pick_device).
@@ -267,15 +269,9 @@ def _lost_rows(
 def _lost_one(view: ClusterView, pod: PodShape, i: int, device: int, shape: PodShape, access: bool) -> bool:
     """:func:`_lost_rows` for one row and a one-shape target that the row can host now."""
     cpu, mem, _, row = view.row(i)
-    left = list(row)
+    left = with_whole_taken(row, pod.num_gpu) if not pod.shared and pod.num_gpu else list(row)
     if pod.shared:
         left[device] -= pod.milli
-    elif pod.num_gpu:
-        taken = 0
-        for d, m in enumerate(left):
-            if m == 1000 and taken < pod.num_gpu:
-                left[d] = 0
-                taken += 1
     return not _state_hosts(cpu - pod.cpu, mem - pod.memory, left, shape, access)
 
 

@@ -30,6 +30,7 @@ from aifab.scheduler.placement.view import (
     IntArray,
     PodShape,
     RowState,
+    lowest_free,
 )
 
 MAX_SCORE = 100
@@ -262,7 +263,6 @@ class FgdPolicy(ScoringPolicy):
         if pod.num_gpu == 0:
             return ()
         if not pod.shared:
-            # first_free_devices, on the row as Python values
-            return tuple([d for d, m in enumerate(view.row(n)[3]) if m == GPU_MILLI][: pod.num_gpu])
+            return tuple(lowest_free(view.row(n)[3], pod.num_gpu))
         col = self._column(view, pod, [n], ctx)
         return (int(col.device[n]),)

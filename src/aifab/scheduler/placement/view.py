@@ -321,6 +321,19 @@ def first_free_devices(row: IntArray, count: int) -> tuple[int, ...]:
     return tuple(int(d) for d in free)
 
 
+def lowest_free(left: Sequence[int], count: int) -> list[int]:
+    """:func:`first_free_devices` for a row as Python values (see ClusterView.row)."""
+    return [d for d, m in enumerate(left) if m == GPU_MILLI][:count]
+
+
+def with_whole_taken(left: Sequence[int], count: int) -> list[int]:
+    """A row (Python values) after a task took ``count`` whole GPUs on its lowest free devices."""
+    out = list(left)
+    for d in lowest_free(left, count):
+        out[d] = 0
+    return out
+
+
 def best_fit_device(row: IntArray, milli: int) -> int:
     """The device with the least free milli-GPU that still fits (lowest index on ties)."""
     fits = row >= milli
