@@ -5,7 +5,10 @@
 For each policy the baseline (checked out into a temporary git worktree) and this tree replay
 the trace at the same time, one process each, so both see the same machine at the same moment
 (these machines' speed varies up to 3x between sessions). Reports both wall times, their ratio,
-and whether every metric came out the same. Writes bench/results/philly_speedup.{json,md}.
+whether every metric came out the same, and the scheduling cycles each replay ran: the
+simulator skips a cycle only when it provably changes nothing, so a better skip rule runs fewer
+cycles with every metric the same (the count of cycles and events is work done, not a metric
+compared). Writes bench/results/philly_speedup.{json,md}.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._worktree import checked_out, child_result, dirty_src, revision, start_child, write_results
 
 ROOT = Path(__file__).resolve().parents[1]
+WORK = ("cycles", "events")  # how much the replay did, not what it decided: not compared
 
 POLICIES = ["fifo", "fifo-backfill", "static", "kai", "tiresias", "srtf", "aifab"]
 
@@ -62,14 +66,25 @@ def main() -> int:
             base = start_child(CHILD, [tree / "src"], policy, limit)
             this = start_child(CHILD, [ROOT / "src"], policy, limit)
             b, t = child_result(base, f"{policy} at {base_rev}"), child_result(this, f"{policy} here")
-            same = b["metrics"] == t["metrics"]
+            bm, tm = b["metrics"], t["metrics"]
+            assert isinstance(bm, dict) and isinstance(tm, dict)
+            differ = sorted(k for k in bm.keys() | tm.keys() if k not in WORK and bm.get(k) != tm.get(k))
+            same = not differ
             bw, tw = float(b["wall_s"]), float(t["wall_s"])  # type: ignore[arg-type]
             rows.append(
-                {"policy": policy, "baseline_s": bw, "this_s": tw, "ratio": tw / bw, "same_metrics": same}
+                {
+                    "policy": policy,
+                    "baseline_s": bw,
+                    "this_s": tw,
+                    "ratio": tw / bw,
+                    "same_metrics": same,
+                    "differing": differ,
+                    "cycles": [bm.get("cycles"), tm.get("cycles")],
+                }
             )
             print(
                 f"{policy:14} baseline {bw:7.1f} s   this {tw:7.1f} s   x{tw / bw:.2f}   "
-                f"metrics {'same' if same else 'DIFFER'}",
+                f"metrics {'same' if same else 'DIFFER: ' + ', '.join(differ)}",
                 flush=True,
             )
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
@@ -91,17 +106,23 @@ def main() -> int:
         + (f"; first {args.limit_jobs} jobs" if args.limit_jobs else "; all 52,849 jobs"),
         "- each policy: the two replays at the same time, one process each on the 2 cores",
         "",
-        "| policy | baseline wall s | this wall s | this / baseline | every metric the same |",
-        "|---|---:|---:|---:|---|",
+        "| policy | baseline wall s | this wall s | this / baseline | cycles run: baseline / this "
+        "| every metric the same |",
+        "|---|---:|---:|---:|---:|---|",
         *(
             f"| {r['policy']} | {r['baseline_s']:.1f} | {r['this_s']:.1f} | {r['ratio']:.2f} | "
-            f"{'yes' if r['same_metrics'] else 'NO'} |"
+            f"{_count(r['cycles'][0])} / {_count(r['cycles'][1])} | "
+            f"{'yes' if r['same_metrics'] else 'NO: ' + ', '.join(r['differing'])} |"
             for r in rows
         ),
         "",
     ]
     print(f"wrote {write_results('philly_speedup', {**meta, 'rows': rows}, md)}")
     return 0 if all(r["same_metrics"] for r in rows) else 1
+
+
+def _count(value: object) -> str:
+    return f"{value:,.0f}" if isinstance(value, int | float) else "?"
 
 
 if __name__ == "__main__":

@@ -237,3 +237,35 @@ def test_preempt_counts_the_nodes_a_gang_needs(
     assert (preempt_module._TOO_FEW_NODES in seen) is not placed
     monkeypatch.undo()
     _same_with_and_without(snap, cfg)
+
+
+@pytest.mark.parametrize(
+    ("node_gpus", "nodes", "gang", "blocked"),
+    [
+        (8, 1, 1, 0.0),  # evicting the node's work would make exactly the room: not blocked
+        (8, 2, 2, 0.0),  # one 8-GPU task on each node
+        (16, 1, 2, 0.0),  # both tasks on the one 16-GPU node
+        (8, 1, 2, 1.0),  # one node too few whatever is evicted (_TOO_FEW_NODES)
+        (16, 1, 3, 1.0),  # the 16-GPU node holds two of the three
+    ],
+)
+def test_preempt_is_blocked_only_when_no_eviction_could_make_room(
+    monkeypatch: pytest.MonkeyPatch, node_gpus: int, nodes: int, gang: int, blocked: float
+) -> None:
+    """``preempt_blocked`` (the simulator skips cycles on it) says that every attempt would
+    have failed even with all its victims evicted. Here every eviction fails, so the flag
+    rests on that bound alone: room on a node is what its lower-priority work holds, and a
+    gang of 8-GPU tasks needs room for each of them."""
+    full = tuple(uniform_node(f"n{i}", node_gpus) for i in range(nodes))
+    placer = Placer(full)
+    busy = []
+    for n in full:
+        low = Workload(
+            id=f"low-{n.name}", queue="a", tasks=(TaskRequest(GpuRequest.whole(node_gpus)),), priority=25
+        )
+        busy.append(running(low, placer, n.name, 0.0))
+    high = Workload(id="high", queue="a", tasks=(TaskRequest(GpuRequest.whole(8)),) * gang, priority=100)
+    snap = ClusterSnapshot(full, QueueTree([gpu_queue("a", node_gpus * nodes)]), (*busy, high), now=10.0)
+    monkeypatch.setattr(preempt_module, "evict_and_place", lambda *a, **k: False)
+    result = run_cycle(snap, SchedulerConfig(placement="binpack"))
+    assert result.stats["preempt_blocked"] == blocked

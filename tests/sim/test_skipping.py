@@ -98,3 +98,32 @@ def test_skipping_keeps_every_decision(policy: str, seed: int) -> None:
     fast = Simulator(sc, POLICIES[policy], policy=policy)
     slow = NoSkip(sc, POLICIES[policy], policy=policy)
     assert outcome(fast) == outcome(slow)
+
+
+def _gangs_behind_small_jobs() -> Any:
+    """Preemption by job order with two-node gangs (2 x 8 GPUs) among small jobs on three
+    8-GPU nodes: a gang that has waited long outranks running small jobs, yet often one node
+    too few could be freed whole (``_TOO_FEW_NODES``), which leaves preemption blocked."""
+    jobs = []
+    for i in range(90):
+        gang = i % 6 == 2
+        jobs.append(
+            job(
+                f"j{i}",
+                submit=i * 40.0,
+                work=500.0 + (i * 61) % 1300,
+                gpus=16 if gang else 1 + i % 5,
+                tasks=2 if gang else 1,
+            )
+        )
+    return scenario(jobs, nodes=3, gpus=8)
+
+
+@pytest.mark.parametrize("policy", ["tiresias", "srtf"])
+def test_blocked_gangs_skip_cycles_invisibly(policy: str) -> None:
+    pytest.importorskip("aifab.scheduler", reason="needs run_cycle")
+    sc = _gangs_behind_small_jobs()
+    fast = Simulator(sc, POLICIES[policy], policy=policy)
+    slow = NoSkip(sc, POLICIES[policy], policy=policy)
+    assert outcome(fast) == outcome(slow)
+    assert fast.counters["cycles_skipped_blocked"] > 0

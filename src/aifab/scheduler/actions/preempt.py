@@ -43,13 +43,9 @@ def preempt(ctx: Context) -> None:
             maybe, exact = _outranked(ctx, pj, None if global_pool else name, pools)
             plan = _plan_room(ctx.sess, pj, maybe)
             if plan != _MAYBE:
-                # evict_and_place would fail untouched (and be hopeless, see _hopeless, when no
-                # node has room; otherwise that only matters while every attempt so far was).
+                # evict_and_place would fail untouched, and would with every outranked
+                # workload gone: the attempt leaves the cycle blocked.
                 failed.add((pj.shape, pj.order))
-                if plan == _TOO_FEW_NODES and blocked:
-                    if not exact:
-                        maybe = _exactly(ctx, pj, None if global_pool else name, pools, maybe)
-                    blocked = _hopeless(ctx.sess, pj, _victims(ctx, maybe))
                 budget[0] -= 1
                 continue
             if not exact:
@@ -77,14 +73,20 @@ def preempt(ctx: Context) -> None:
 
 
 def _hopeless(sess: Session, pj: PendingJob, victims: list[RunJob]) -> bool:
-    """Whether no node the workload may use could hold its biggest task even if every one of
-    ``victims`` were evicted: an upper bound of the room evictions free on a node is what is
-    free there plus everything the victims hold there. Tasks asking for GPU memory are never
-    judged hopeless (the bound would need each device's memory)."""
-    s = pj.specs[task_order(pj.specs)[0]]
+    """Whether the nodes the workload may use could not hold its biggest task, or for a gang
+    of whole GPUs not as many tasks of that size as it has, even if every one of ``victims``
+    were evicted: an upper bound of the room evictions free on a node is what is free there
+    plus everything the victims hold there (what ``_plan_room`` bounds from GPUs alone, so an
+    attempt it turns down is hopeless here too). Tasks asking for GPU memory are never judged
+    hopeless (the bound would need each device's memory)."""
+    order = task_order(pj.specs)
+    s = pj.specs[order[0]]
     if s.kind is MEMORY:
         return False
     gpu = s.count * GPU_MILLI if s.kind is WHOLE else (s.milli if s.kind is FRACTION else 0)
+    tasks = 1  # how many tasks of that size need room: of a gang of whole GPUs, all of them
+    if s.kind is WHOLE:
+        tasks = sum(1 for ti in order[: pj.w.gang_size] if pj.specs[ti].gpu_need == s.gpu_need)
     held: dict[int, list[int]] = {}
     for j in victims:
         for ni, devices, milli, _, cpu, mem in j.places:
@@ -94,11 +96,14 @@ def _hopeless(sess: Session, pj: PendingJob, victims: list[RunJob]) -> bool:
             h[2] += mem
     _, nodes = eligible(sess, pj.w)
     free = sess.free_milli()
+    room = 0
     for ni in nodes:
         ns = sess.nodes[ni]
         g, c, m = held.get(ni, (0, 0, 0))
         if free[ni] + g >= gpu and ns.free_cpu + c >= s.cpu and ns.free_memory + m >= s.memory:
-            return False
+            room += 1 if tasks == 1 else (free[ni] + g) // gpu
+            if room >= tasks:
+                return False
     return True
 
 
