@@ -58,6 +58,8 @@ def test_nothing_to_pack() -> None:
         ({500: -1}, None, "placed: -1 pods of size 500"),
         ({500: 3}, {500: 2}, "placed: 3 pods of size 500, but only 2 available"),
         ({500: 1}, {500: 1, 2000: 1}, "available: pod size 2000 milli-GPU is outside 1..1000"),
+        ({500.5: 1}, None, "placed: sizes and counts are whole numbers, got 500.5: 1"),
+        ({500: 1.0}, None, "placed: sizes and counts are whole numbers, got 500: 1.0"),
     ],
 )
 def test_bad_input_names_what_is_wrong(

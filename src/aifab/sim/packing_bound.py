@@ -75,6 +75,10 @@ def _checked(
     allowed = dict(placed if available is None else available)
     for name, counts in (("placed", placed), ("available", allowed)):
         for size, count in counts.items():
+            if not isinstance(size, int) or not isinstance(count, int):
+                raise PackingBoundError(
+                    f"{name}: sizes and counts are whole numbers, got {size!r}: {count!r}"
+                )
             if not 0 < size <= capacity:
                 raise PackingBoundError(f"{name}: pod size {size} milli-GPU is outside 1..{capacity}")
             if count < 0:
