@@ -171,13 +171,13 @@ def bench_ray(jobs: int, work: Path, command: list[str]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- report
 
 
-def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The run whose aifab / engine-alone ratio is the median (all its figures come from it)."""
-    ordered = sorted(runs, key=_ratio)
+    ordered = sorted(runs, key=ratio)
     return ordered[len(ordered) // 2]
 
 
-def _ratio(run: dict[str, Any]) -> float:
+def ratio(run: dict[str, Any]) -> float:
     return float(run["aifab"]["total_s"] / run["direct"]["total_s"])
 
 
@@ -189,16 +189,16 @@ def _rows(results: list[dict[str, Any]], jobs: int) -> list[str]:
     ]
     for r in results:
         job = f"`sleep {r['job_seconds']:g}`" if r.get("job_seconds") else "`true`"
-        m_run = _median_run(r["runs"])
-        every = ", ".join(f"{_ratio(x):.2f}" for x in r["runs"])
+        m_run = median_run(r["runs"])
+        every = ", ".join(f"{ratio(x):.2f}" for x in r["runs"])
         base = m_run["direct"]["total_s"]
         for path in ("direct", "aifab"):
             m = m_run[path]
             label = f"{r['engine']} alone" if path == "direct" else f"aifab → {r['engine']}"
-            ratio = f"{m['total_s'] / base:.2f}" + (f" ({every})" if path == "aifab" else "")
+            shown = f"{m['total_s'] / base:.2f}" + (f" ({every})" if path == "aifab" else "")
             lines.append(
                 f"| {r['engine']} | {job} | {label} | {jobs / m['submit_s']:.0f} | {m['total_s']:.1f} | "
-                f"{jobs / m['total_s']:.1f} | {ratio} | {m['not_succeeded']:.0f} |"
+                f"{jobs / m['total_s']:.1f} | {shown} | {m['not_succeeded']:.0f} |"
             )
     return lines
 

@@ -9,7 +9,12 @@ A section whose results file is missing says so instead of showing stale numbers
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.targets import table as goals_table
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -163,6 +168,15 @@ def build() -> str:
         "`bench/results/`. Rerun a script, then this one, to refresh a section. Times are medians of "
         "several runs and, where it matters, ratios to a calibration workload timed in the same run: "
         "these machines are noisy.",
+        "",
+        "## Where each goal of the open issues stands",
+        "",
+        "`bench/targets.py`: every figure issues 2 and 4 set a limit (must) or a target for, read from "
+        "the results files of the sections below (each row names its file, date and machine speed); "
+        "only the goals are typed in. The sections below say how each was measured and, for the "
+        "targets missed, what stands in the way.",
+        "",
+        goals_table(RESULTS),
         "",
     ]
     for title, filename, about, *missing in SECTIONS:
