@@ -112,6 +112,20 @@ SECTIONS = [
         "`bench/sim_speed.py`: simulator events per second on a synthetic workload.",
     ),
     (
+        "5c. Where the time goes in the speed targets still missed",
+        "time_split.md",
+        "`bench/time_split.py`: the full Philly replay of the two policies over the 30 s target "
+        "(Tiresias-style LAS and SRTF, which preempt by job order) and the 1,000-node cycle, with each "
+        "part of the scheduling cycle timed (the memo's refresh, which takes in what changed since "
+        "the last cycle, the session, each action, fair shares, the explanations); the simulator "
+        "is the rest of the replay. The cycles a replay ran are sorted by what they decided. The "
+        "last table of the replays gives the most that removing a part could buy: the replay's "
+        "wall time over the wall time without that part. A part costing nothing is a bound no code "
+        "change reaches; against it stands what the target asks of the same run. The 1,000-node "
+        "cycle is cold, as in `bench/cycle_speed.py` (no memo: the refresh takes in all 18,000 "
+        "workloads).",
+    ),
+    (
         "Issue 3: the control plane on one machine",
         "control_plane.md",
         "`bench/control_plane.py`: a real `aifab server` process (SQLite store, 4 virtual GPUs, local "
