@@ -141,9 +141,9 @@ def replay_split(policy: str, limit_jobs: int | None) -> dict[str, Any]:
         "counters": {k: v for k, v in out.counters.items() if k != "wall_seconds"},
         "parts_s": parts,
         "classes": classes,
-        # The most each saving could give: the replay without that time.
         # What the target asks of this run: to take REPLAY_TARGET_S at most.
         "needed": wall / REPLAY_TARGET_S,
+        # The most each saving could give: the replay without that time.
         "if_free": {
             "preemption": _speedup(wall, preempt),
             "quiet cycles": _speedup(wall, quiet_s),
