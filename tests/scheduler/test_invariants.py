@@ -302,6 +302,57 @@ def contended(draw: Any) -> ClusterSnapshot:
     return ClusterSnapshot(nodes, QueueTree(queues), tuple(ws), now=100.0)
 
 
+@st.composite
+def contended_departments(draw: Any) -> ClusterSnapshot:
+    """A full cluster shared by projects in two or three departments while others wait: a
+    project's reclaim may find a lender whose own share allows an eviction but whose
+    department's does not (or the other way round), and CPU-only workloads may be victims."""
+    n_nodes = draw(st.integers(2, 4))
+    per = draw(st.sampled_from([4, 8]))
+    nodes = tuple(uniform_node(f"n{i}", per, cpu_milli=32000) for i in range(n_nodes))
+    budget = n_nodes * per
+    queues, leaves = [], []
+    for d in range(draw(st.integers(2, 3))):
+        dept = draw(st.integers(0, budget))
+        budget -= dept
+        queues.append(gpu_queue(f"d{d}", dept, weight=draw(st.sampled_from([0, 1, 2]))))
+        for p in range(2):
+            share = draw(st.integers(0, dept))
+            dept -= share
+            queues.append(gpu_queue(f"d{d}p{p}", share, parent=f"d{d}", weight=draw(st.sampled_from([0, 1]))))
+            leaves.append(f"d{d}p{p}")
+    placer = Placer(nodes)
+    ws: list[Workload] = []
+    for n in nodes:
+        sizes = [0] * draw(st.integers(0, 2))  # CPU-only workloads
+        free = per
+        while free > 0:
+            sizes.append(min(free, draw(st.sampled_from([1, 1, 2, 4]))))
+            free -= sizes[-1]
+        for i, g in enumerate(sizes):
+            w = Workload(
+                id=f"r{n.name}-{i}",
+                queue=draw(st.sampled_from(leaves)),
+                tasks=(TaskRequest(GpuRequest.whole(g) if g else GpuRequest.none(), cpu_milli=1000),),
+                priority=draw(st.sampled_from([25, 50])),
+                preemptible=draw(st.integers(0, 5)) > 0,
+                checkpoint_interval=draw(st.sampled_from([None, 20.0])),
+            )
+            ws.append(running(w, placer, n.name, float(draw(st.integers(0, 99)))))
+    for j in range(draw(st.integers(1, 6))):
+        ws.append(
+            Workload(
+                id=f"p{j}",
+                queue=draw(st.sampled_from(leaves)),
+                tasks=(TaskRequest(GpuRequest.whole(draw(st.sampled_from([1, 2, per]))), cpu_milli=1000),),
+                priority=draw(st.sampled_from([25, 50, 100])),
+                preemptible=draw(st.booleans()),
+                submit_time=float(j),
+            )
+        )
+    return ClusterSnapshot(nodes, QueueTree(queues), tuple(ws), now=100.0)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contended(), st.sampled_from([*CONFIGS[:2], CONFIGS[-1]]))
 def test_contended_cluster_keeps_invariants(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
@@ -311,3 +362,11 @@ def test_contended_cluster_keeps_invariants(snap: ClusterSnapshot, cfg: Schedule
     assert run_cycle(snap, cfg) == r
     snap2 = apply(snap, r, now=snap.now + 10)
     check_invariants(snap2, run_cycle(snap2, cfg), quotas)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contended_departments(), st.sampled_from(CONFIGS[:3]))
+def test_departments_keep_invariants(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
+    r = run_cycle(snap, cfg)
+    check_invariants(snap, r, True)
+    assert run_cycle(snap, cfg) == r

@@ -3,7 +3,8 @@ cycle must decide exactly the same.
 
 * ``room_for_whole_gpus`` turns a gang away before any node is scored when the cluster's fully
   free GPUs could not hold it (a necessary condition);
-* reclaim leaves out the victims whose own queue could not let them go (``_Victims.lists``);
+* reclaim leaves out the victims whose own queue, or its department, could not let them go
+  (``_Victims.lists``);
 * preempt passes over a gang the nodes could not hold even with every workload it outranks
   evicted (``preempt._plan_room``'s ``_TOO_FEW_NODES``), without trying to evict and place it;
 * allocate refuses a whole job list in one step when one check refuses each of its jobs (no
@@ -32,7 +33,7 @@ from aifab.scheduler.actions import evict as evict_module
 from aifab.scheduler.placement.aifab import AifabPolicy, FillFgdPolicy
 
 from .helpers import Placer, running
-from .test_invariants import CONFIGS, contended, snapshots
+from .test_invariants import CONFIGS, contended, contended_departments, snapshots
 
 # The package exports the action functions under the modules' names.
 preempt_module = import_module("aifab.scheduler.actions.preempt")
@@ -60,8 +61,8 @@ def counted(monkeypatch: pytest.MonkeyPatch, *, check: bool = True) -> Iterator[
         monkeypatch.setattr(placer_module, "room_for_whole_gpus", real)
 
 
-def _every_list(self: Any, q: Any, step: int) -> list[Any]:
-    return [lst for _, _, lst in self[q.name]]
+def _every_list(self: Any, q: Any, step: int, reclaimer: Any) -> list[Any]:
+    return [bucket.keyed() for bucket in self[q.name]]
 
 
 _plan_room = preempt_module._plan_room
@@ -95,6 +96,12 @@ def test_shortcuts_never_change_a_cycle(snap: ClusterSnapshot, cfg: SchedulerCon
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(contended(), st.sampled_from([*CONFIGS, PREEMPTING]))
 def test_shortcuts_never_change_a_contended_cycle(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
+    _same_with_and_without(snap, cfg)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(contended_departments(), st.sampled_from(CONFIGS[:3]))
+def test_shortcuts_never_change_a_cycle_with_departments(snap: ClusterSnapshot, cfg: SchedulerConfig) -> None:
     _same_with_and_without(snap, cfg)
 
 

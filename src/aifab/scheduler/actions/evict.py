@@ -31,6 +31,7 @@ import numpy as np
 
 from aifab.core.decisions import EvictionCause
 from aifab.core.resources import GPU_MILLI
+from aifab.core.workloads import Workload
 from aifab.scheduler.actions.consolidate import reclaim_with_moves
 from aifab.scheduler.checks import gpus, quota_refusal, within_fair
 from aifab.scheduler.config import Fairness
@@ -140,7 +141,7 @@ def _reclaim(ctx: Context, leaf: QueueState, pj: PendingJob, by_leaf: _Victims, 
     def victims(step: int) -> Iterator[RunJob]:
         # Only victims the guard of this step could let go (see _Victims.lists). Keys end with
         # the workload id, so merging the lists gives victim order whatever they are split in.
-        lists = [lst for q in lenders for lst in by_leaf.lists(q, step)]
+        lists = [lst for q in lenders for lst in by_leaf.lists(q, step, leaf)]
         return (j for _, j in heapq.merge(*lists, key=by_key))
 
     cause = EvictionCause.RECLAIM if kind == _FAIR else EvictionCause.GUARANTEE
@@ -196,44 +197,87 @@ def by_key(t: tuple[tuple[object, ...], RunJob]) -> tuple[object, ...]:
 Keyed = list[tuple[tuple[object, ...], RunJob]]
 
 
-class _Victims(dict[str, list[tuple[int, int, Keyed]]]):
-    """Evictable running jobs per leaf queue with their victim-order keys, built only for the
-    queues asked about: one list per GPU milli the victims hold, each sorted once; the list of
-    victims without GPUs comes with their least CPU milli (0 for the others, never read)."""
+class _Bucket:
+    """The running workloads of one queue that hold the same GPU milli, as victims in victim
+    order: made into run jobs and sorted only when a guard first lets the bucket through (a
+    lender may hold thousands of workloads its share lets none of go). Of a bucket of
+    workloads without GPUs, the least CPU milli its victims hold (0 for the others, never read)."""
+
+    __slots__ = ("_ctx", "_keyed", "_workloads", "cpu", "gpu")
+
+    def __init__(self, ctx: Context, gpu: int, workloads: list[Workload]) -> None:
+        self._ctx = ctx
+        self.gpu = gpu
+        self._workloads = workloads
+        self._keyed: Keyed | None = None
+        self.cpu = 0
+        if gpu <= 0:
+            self.cpu = min((j.vec[1] for _, j in self.keyed()), default=0)
+
+    def keyed(self) -> Keyed:
+        """Its evictable workloads with their victim-order keys, in that order. Made once: a
+        victim evicted (and committed) after that stays listed, and every reader passes over
+        evicted ones, so it makes no difference when it is made."""
+        if self._keyed is None:
+            sess, vkey = self._ctx.sess, self._ctx.vkey
+            lst = [(vkey(j), j) for j in map(sess.run_job, self._workloads) if sess.evictable(j)]
+            lst.sort(key=by_key)
+            self._keyed = lst
+        return self._keyed
+
+
+class _Victims(dict[str, list[_Bucket]]):
+    """Per leaf queue, its running workloads in buckets by the GPU milli they hold, built only
+    for the queues asked about."""
 
     def __init__(self, ctx: Context) -> None:
         super().__init__()
         self.ctx = ctx
 
-    def __missing__(self, name: str) -> list[tuple[int, int, Keyed]]:
-        ctx = self.ctx
-        by_size: dict[int, Keyed] = {}
-        for j in ctx.sess.queue_jobs(name):
-            if ctx.sess.evictable(j):
-                by_size.setdefault(j.vec[0], []).append((ctx.vkey(j), j))
-        out = []
-        for size in sorted(by_size):
-            lst = by_size[size]
-            lst.sort(key=by_key)
-            out.append((size, min(j.vec[1] for _, j in lst) if size <= 0 else 0, lst))
-        self[name] = out
+    def __missing__(self, name: str) -> list[_Bucket]:
+        by_size: dict[int, list[Workload]] = {}
+        for w in self.ctx.sess.running_by_queue.get(name, ()):
+            held = 0
+            for p in w.placements:
+                held += p.gpu_milli * len(p.devices)  # what RunJob.vec[0] holds
+            lst = by_size.get(held)
+            if lst is None:
+                by_size[held] = [w]
+            else:
+                lst.append(w)
+        out = self[name] = [_Bucket(self.ctx, size, by_size[size]) for size in sorted(by_size)]
         return out
 
-    def lists(self, q: QueueState, step: int) -> list[Keyed]:
-        """The lists of ``q`` whose victims :func:`_share_guard`'s test on their own queue
-        could let go at ``step``; the others fail it now and keep failing while an attempt only
-        evicts (a queue just at its share may hold thousands of workloads bigger than its
-        excess)."""
+    def lists(self, q: QueueState, step: int, reclaimer: QueueState) -> list[Keyed]:
+        """The lists of ``q`` whose victims :func:`_share_guard` (for ``reclaimer``) could let
+        go at ``step``. Its test reads only a victim's queues and what the victim holds, the
+        same for every victim of a list (of CPU-only ones, the least CPU is the kindest), so a
+        list that fails it now fails it for every victim, and keeps failing while an attempt
+        evicts: that only lowers what the queues hold (a queue just at its share, or in a
+        department at its share, may hold thousands of workloads bigger than its excess)."""
+        chain = _unshared_chain(q, reclaimer)
         out = []
-        for gpu, cpu, lst in self[q.name]:
-            k, need = (0, gpu) if gpu > 0 else (1, cpu)
+        for bucket in self[q.name]:
+            k, need = (0, bucket.gpu) if bucket.gpu > 0 else (1, bucket.cpu)
             if step == _BORROWING:
-                ok = q.allocated[k] > q.deserved[k]
+                ok = all(x.allocated[k] > x.deserved[k] for x in chain)
             else:
-                ok = q.allocated[k] - need >= _floor(q, step)[k]
+                ok = all(x.allocated[k] - need >= _floor(x, step)[k] for x in chain)
             if ok:
-                out.append(lst)
+                out.append(bucket.keyed())
         return out
+
+
+def _unshared_chain(q: QueueState, reclaimer: QueueState) -> list[QueueState]:
+    """``q`` and its ancestors up to the first one that is also the reclaimer's (or one of its
+    ancestors): the queues :func:`_share_guard` tests."""
+    shared = (reclaimer, *reclaimer.ancestors)
+    chain = []
+    for x in (q, *q.ancestors):
+        if any(x is y for y in shared):
+            break
+        chain.append(x)
+    return chain
 
 
 def _victims_by_leaf(ctx: Context) -> _Victims:
