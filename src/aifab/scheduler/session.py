@@ -367,10 +367,6 @@ class Session:
             job = self._jobs[w.id] = RunJob(w, self.queues.get(w.queue), self.now, self.node_index)
         return job
 
-    def queue_jobs(self, queue: str) -> list[RunJob]:
-        """Running workloads of one queue."""
-        return [self.run_job(w) for w in self.running_by_queue.get(queue, ())]
-
     def node_workloads(self) -> dict[int, list[Workload]]:
         """Running workloads per node index (built once, only when consolidation needs it)."""
         if self._by_node is None:
